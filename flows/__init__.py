@@ -1,0 +1,1 @@
+"""Prefect flows of mf-dist: the application layer."""

@@ -1,0 +1,69 @@
+"""The block grid: contiguous index ranges and the order blocks are visited in.
+
+Users and items are cut into contiguous ranges of ``block_size`` indices.
+A ratings block (p, q) holds user block p × item block q; a co-occurrence tile
+(b, c) holds X restricted to item blocks b × c.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """``n_rows`` indices cut into blocks of ``block_size`` (the last may be shorter)."""
+
+    n_rows: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.n_rows < 0:
+            raise ValueError(f"n_rows must be >= 0, got {self.n_rows}")
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_rows // self.block_size)
+
+    def bounds(self, block: int) -> tuple[int, int]:
+        """Half-open index range ``[start, stop)`` of ``block``."""
+        if not 0 <= block < self.n_blocks:
+            raise IndexError(f"block {block} outside 0..{self.n_blocks - 1}")
+        start = block * self.block_size
+        return start, min(start + self.block_size, self.n_rows)
+
+    def size(self, block: int) -> int:
+        start, stop = self.bounds(block)
+        return stop - start
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(block, start, stop)`` for every block."""
+        for block in range(self.n_blocks):
+            yield (block, *self.bounds(block))
+
+
+def upper_triangle(n_blocks: int) -> list[tuple[int, int]]:
+    """Tile coordinates (b, c) with b <= c: the stored half of a symmetric matrix."""
+    return [(b, c) for b in range(n_blocks) for c in range(b, n_blocks)]
+
+
+def dsgd_strata(n_row_blocks: int, n_col_blocks: int) -> list[list[tuple[int, int]]]:
+    """The stratified schedule of DSGD (Gemulla et al., KDD 2011).
+
+    With ``d = max(P, Q)``, sub-epoch ``s`` holds the blocks ``(p, (p + s) mod d)``
+    that exist. Within one stratum no two blocks share a row block or a column
+    block, so their updates touch disjoint factor rows and may run at once;
+    over the ``d`` strata every block appears exactly once.
+    """
+    d = max(n_row_blocks, n_col_blocks)
+    strata = []
+    for shift in range(d):
+        stratum = [
+            (p, (p + shift) % d) for p in range(n_row_blocks) if (p + shift) % d < n_col_blocks
+        ]
+        if stratum:
+            strata.append(stratum)
+    return strata

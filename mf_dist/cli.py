@@ -1,0 +1,183 @@
+"""The ``mf-dist`` command: run, demo, generate.
+
+Errors of mf-dist's own types are printed as one line and exit with status 2;
+nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mf_dist.config import DeviceName, DuplicatePolicy, ModelName, RunConfig, load_config
+from mf_dist.errors import MfDistError
+
+if TYPE_CHECKING:
+    from flows.pipeline import PipelineSummary
+
+app = typer.Typer(
+    name="mf-dist",
+    help="Distributed matrix factorization: Parquet ratings in, embedding tables out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", help="TOML file with run settings; flags override it.")
+]
+ModelOption = Annotated[Optional[ModelName], typer.Option(help="Objective to fit.")]
+RankOption = Annotated[Optional[int], typer.Option(help="Embedding dimension k (1-1024).")]
+EpochsOption = Annotated[Optional[int], typer.Option(help="Training epochs (default per model).")]
+WorkersOption = Annotated[Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Random seed.")]
+
+
+def _run(config: RunConfig) -> PipelineSummary:
+    from flows.pipeline import factorization_pipeline
+
+    return factorization_pipeline(config)
+
+
+@app.command()
+def run(
+    input: Annotated[Optional[str], typer.Option(help="Parquet file, directory or glob of ratings.")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Directory for the published tables.")] = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    rank: RankOption = None,
+    epochs: EpochsOption = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Step size (default per model).")] = None,
+    regularization: Annotated[Optional[float], typer.Option(help="L2 weight (explicit).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Ratings per gradient step (explicit).")] = None,
+    workers: WorkersOption = None,
+    threads_per_worker: Annotated[Optional[int], typer.Option(help="Threads per worker process.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")] = None,
+    like_threshold: Annotated[
+        Optional[float], typer.Option(help="Rating >= T counts as liked (default: every rating).")
+    ] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Users or items per block.")] = None,
+    seed: SeedOption = None,
+    user_col: Annotated[Optional[str], typer.Option(help="User id column.")] = None,
+    item_col: Annotated[Optional[str], typer.Option(help="Item id column.")] = None,
+    rating_col: Annotated[Optional[str], typer.Option(help="Rating column (absent: implicit).")] = None,
+    timestamp_col: Annotated[Optional[str], typer.Option(help="Timestamp column, for duplicates.")] = None,
+    duplicates: Annotated[
+        Optional[DuplicatePolicy], typer.Option(help="Policy for repeated (user, item) pairs.")
+    ] = None,
+    work_dir: Annotated[Optional[str], typer.Option(help="Intermediate data (default <output>/_work).")] = None,
+    device: Annotated[Optional[DeviceName], typer.Option(help="auto, cpu or cuda.")] = None,
+) -> None:
+    """Run the pipeline on your own Parquet ratings."""
+    overrides = {name: value for name, value in locals().items() if name != "config"}
+    settings = load_config(config, **overrides)
+    started = time.perf_counter()
+    summary = _run(settings)
+    print_summary(summary, time.perf_counter() - started)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option(help="Directory for the generated input and the tables.")] = Path(
+        "mf-dist-demo"
+    ),
+    ratings: Annotated[int, typer.Option(help="Number of ratings to generate.")] = 1_000_000,
+    model: Annotated[ModelName, typer.Option(help="Objective to fit.")] = "cooccurrence",
+    rank: Annotated[int, typer.Option(help="Embedding dimension k.")] = 32,
+    epochs: EpochsOption = None,
+    workers: WorkersOption = None,
+    seed: Annotated[int, typer.Option(help="Random seed (data and training).")] = 0,
+) -> None:
+    """Generate a realistic ratings set and run the whole pipeline on it."""
+    from mf_dist.synthetic import synthetic_ratings, write_partitions
+
+    input_dir = output / f"input-{ratings}-seed{seed}"
+    if not input_dir.exists():
+        with console.status(f"generating {ratings:,} ratings into {input_dir}"):
+            partial = input_dir.with_name(input_dir.name + ".partial")
+            write_partitions(synthetic_ratings(ratings, seed=seed), partial)
+            partial.rename(input_dir)
+    console.print(f"input: {input_dir}")
+    settings = load_config(
+        None,
+        input=str(input_dir),
+        output=str(output / "tables"),
+        model=model,
+        rank=rank,
+        epochs=epochs,
+        workers=workers,
+        seed=seed,
+    )
+    started = time.perf_counter()
+    summary = _run(settings)
+    print_summary(summary, time.perf_counter() - started)
+
+
+@app.command()
+def generate(
+    output: Annotated[Path, typer.Argument(help="Directory to write Parquet partitions into.")],
+    ratings: Annotated[int, typer.Option(help="Number of ratings.")] = 1_000_000,
+    users: Annotated[Optional[int], typer.Option(help="Number of users.")] = None,
+    items: Annotated[Optional[int], typer.Option(help="Number of items.")] = None,
+    files: Annotated[int, typer.Option(help="Number of Parquet files.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a synthetic ratings set (heavy-tailed, low-rank) as Parquet partitions."""
+    from mf_dist.synthetic import synthetic_ratings, write_partitions
+
+    frame = synthetic_ratings(ratings, n_users=users, n_items=items, seed=seed)
+    write_partitions(frame, output, files)
+    console.print(
+        f"wrote {len(frame):,} ratings ({frame.user_id.nunique():,} users, "
+        f"{frame.item_id.nunique():,} items) to {output}"
+    )
+
+
+def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
+    """The end-of-run summary: tables, sizes, loss and per-stage cost."""
+    overview = Table(title=f"mf-dist run {summary.run_id}", show_header=False)
+    overview.add_row("model", f"{summary.model}, rank {summary.rank}, {summary.epochs} epochs, {summary.device}")
+    overview.add_row(
+        "data",
+        f"{summary.n_ratings:,} ratings, {summary.n_likes:,} likes, "
+        f"{summary.n_users:,} users, {summary.n_items:,} items",
+    )
+    overview.add_row(
+        "final loss",
+        f"{summary.final_loss:.6g}"
+        + "".join(f", {name} {value:.4g}" for name, value in summary.final_metrics.items()),
+    )
+    for table in summary.export.tables:
+        overview.add_row(f"table {table.name}", f"{table.rows:,} rows → {table.path}")
+    console.print(overview)
+
+    stages = Table(title="stages")
+    for column in ("stage", "wall s", "peak MiB / process", "peak MiB / all"):
+        stages.add_column(column, justify="right" if column != "stage" else "left")
+    for stage in summary.stages:
+        stages.add_row(
+            stage.name, f"{stage.seconds:.1f}", f"{stage.peak_process_mib:.0f}", f"{stage.peak_total_mib:.0f}"
+        )
+    stages.add_row("total (with start-up)", f"{wall_seconds:.1f}", "", "")
+    console.print(stages)
+
+
+def main() -> None:
+    """Console entry point: our errors become one line and exit status 2."""
+    try:
+        app()
+    except MfDistError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

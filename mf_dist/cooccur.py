@@ -1,0 +1,237 @@
+"""Co-occurrence stage: X = SᵀS in item-block tiles, never as one items × items matrix.
+
+S is the binary users × items "liked" matrix. Per user block p and item block
+b the workers hold the slab S_{p,b} (scipy CSR); tile (b, c), b <= c, is
+``Σ_p S_{p,b}ᵀ S_{p,c}``, computed by one task whose memory is bounded by
+the slabs of two item blocks and one B × B tile. X is symmetric, so only
+b <= c is stored; the diagonal (per-item like counts) is stored apart and is
+zero inside the tiles.
+
+Each tile is written in the layout its density calls for: a dense ``.npy``
+tile (int32) when more than :data:`DENSE_TILE_DENSITY` of it is non-zero,
+else sparse COO in Parquet (``row``, ``col``, ``count``; indices local to the
+tile).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from distributed import Client
+from pydantic import BaseModel
+
+from mf_dist.blocks import BlockGrid, upper_triangle
+from mf_dist.errors import InputError
+from mf_dist.ingest import IngestResult, liked_mask
+from mf_dist.schema import COOCCURRENCE_DIR, TILE_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+# COO in Parquet costs about 12 bytes per non-zero before compression, a
+# dense int32 tile 4 bytes per entry; past a third non-zero the tile is smaller
+# dense, and dense tiles feed GEMMs instead of sparse products.
+DENSE_TILE_DENSITY = 1 / 3
+
+
+class TileInfo(BaseModel):
+    """One stored tile of X (off-diagonal entries only)."""
+
+    row_block: int
+    col_block: int
+    layout: Literal["dense", "sparse"]
+    path: str
+    nnz: int
+    sum_of_squares: float
+
+
+class CooccurrenceResult(BaseModel):
+    """What the co-occurrence stage wrote."""
+
+    directory: str
+    n_items: int
+    block_size: int
+    nnz_offdiagonal: int
+    offdiagonal_sum_of_squares: float
+    tiles: list[TileInfo]
+
+    @property
+    def item_grid(self) -> BlockGrid:
+        return BlockGrid(self.n_items, self.block_size)
+
+    @property
+    def diagonal_path(self) -> Path:
+        return Path(self.directory) / "diagonal.parquet"
+
+
+def liked_slabs(
+    ratings_path: str,
+    user_start: int,
+    n_users: int,
+    item_grid: BlockGrid,
+    like_threshold: float | None,
+) -> list[sp.csr_matrix]:
+    """S for one user block, cut into one CSR slab per item block (users × block items, int32)."""
+    table = pq.read_table(ratings_path)
+    rating = table["rating"].to_numpy()
+    liked = liked_mask(rating, like_threshold)
+    users = table["user"].to_numpy()[liked] - user_start
+    items = table["item"].to_numpy()[liked]
+    slabs = []
+    for _, start, stop in item_grid:
+        # The block file is sorted by (user, item), so each slab's rows come out sorted.
+        inside = (items >= start) & (items < stop)
+        slabs.append(
+            sp.csr_matrix(
+                (np.ones(int(inside.sum()), dtype=np.int32), (users[inside], items[inside] - start)),
+                shape=(n_users, stop - start),
+            )
+        )
+    return slabs
+
+
+def select_slab(slabs: list[sp.csr_matrix], block: int) -> sp.csr_matrix:
+    return slabs[block]
+
+
+def cooccurrence_tile(
+    row_slabs: list[sp.csr_matrix], col_slabs: list[sp.csr_matrix], diagonal: bool
+) -> sp.csr_matrix:
+    """``Σ_p S_{p,b}ᵀ S_{p,c}`` for one tile, exact in int32."""
+    left = sp.vstack(row_slabs, format="csr")
+    right = left if diagonal else sp.vstack(col_slabs, format="csr")
+    return (left.T.tocsr() @ right).tocsr()
+
+
+def store_tile(
+    tile: sp.csr_matrix, row_block: int, col_block: int, directory: str
+) -> tuple[TileInfo, np.ndarray | None]:
+    """Write one tile in its layout; for a diagonal tile, return its diagonal apart."""
+    diagonal = None
+    tile = tile.tocoo()
+    if row_block == col_block:
+        diagonal = tile.diagonal().astype(np.int64)
+        off = tile.row != tile.col
+        tile = sp.coo_matrix((tile.data[off], (tile.row[off], tile.col[off])), shape=tile.shape)
+    tile.sum_duplicates()
+    counts = tile.data.astype(np.int64)
+    density = tile.nnz / max(1, tile.shape[0] * tile.shape[1])
+    name = f"tile-{row_block:05d}-{col_block:05d}"
+    if density > DENSE_TILE_DENSITY:
+        layout = "dense"
+        path = Path(directory) / f"{name}.npy"
+        np.save(path, tile.toarray().astype(np.int32), allow_pickle=False)
+    else:
+        layout = "sparse"
+        path = Path(directory) / f"{name}.parquet"
+        pq.write_table(
+            pa.Table.from_arrays(
+                [
+                    pa.array(tile.row.astype(np.int32)),
+                    pa.array(tile.col.astype(np.int32)),
+                    pa.array(counts.astype(np.int32)),
+                ],
+                schema=TILE_SCHEMA,
+            ),
+            path,
+        )
+    info = TileInfo(
+        row_block=row_block,
+        col_block=col_block,
+        layout=layout,
+        path=str(path),
+        nnz=int(tile.nnz),
+        sum_of_squares=float((counts.astype(np.float64) ** 2).sum()),
+    )
+    return info, diagonal
+
+
+def load_tile(info: TileInfo, shape: tuple[int, int]) -> sp.csr_matrix | np.ndarray:
+    """Read a stored tile back: a dense int32 array or a CSR matrix."""
+    if info.layout == "dense":
+        return np.load(info.path, allow_pickle=False)
+    table = pq.read_table(info.path)
+    return sp.csr_matrix(
+        (table["count"].to_numpy(), (table["row"].to_numpy(), table["col"].to_numpy())), shape=shape
+    )
+
+
+def cooccurrence_blocks(client: Client, ingest: IngestResult, work_dir: str | Path) -> CooccurrenceResult:
+    """Compute and store the tiles of X = SᵀS on the cluster of ``client``."""
+    if ingest.n_likes == 0:
+        raise InputError(
+            f"no rating reaches the like threshold {ingest.like_threshold}: S is empty; "
+            "lower --like-threshold",
+            column=ingest.item_column,
+        )
+    directory = Path(work_dir) / COOCCURRENCE_DIR
+    if directory.exists():
+        shutil.rmtree(directory)
+    tiles_dir = directory / "tiles"
+    tiles_dir.mkdir(parents=True)
+    user_grid, item_grid = ingest.user_grid, ingest.item_grid
+
+    slabs_per_user_block = [
+        client.submit(
+            liked_slabs,
+            str(ingest.ratings_path(p)),
+            start,
+            stop - start,
+            item_grid,
+            ingest.like_threshold,
+        )
+        for p, start, stop in user_grid
+    ]
+    slab = {
+        (p, b): client.submit(select_slab, slabs_per_user_block[p], b)
+        for p in range(user_grid.n_blocks)
+        for b in range(item_grid.n_blocks)
+    }
+    del slabs_per_user_block
+    stored = []
+    for b, c in upper_triangle(item_grid.n_blocks):
+        row_slabs = [slab[p, b] for p in range(user_grid.n_blocks)]
+        col_slabs = [slab[p, c] for p in range(user_grid.n_blocks)]
+        tile = client.submit(cooccurrence_tile, row_slabs, col_slabs, b == c)
+        stored.append(client.submit(store_tile, tile, b, c, str(tiles_dir)))
+    results: list[tuple[TileInfo, np.ndarray | None]] = client.gather(stored)
+    del slab
+
+    tiles = [info for info, _ in results]
+    diagonal = np.concatenate([diag for info, diag in results if info.row_block == info.col_block])
+    pq.write_table(
+        pa.table({"item": pa.array(np.arange(ingest.n_items, dtype=np.int32)), "count": pa.array(diagonal)}),
+        directory / "diagonal.parquet",
+    )
+    # Tiles off the diagonal stand for themselves and their transpose.
+    weight = {True: 1, False: 2}
+    result = CooccurrenceResult(
+        directory=str(directory),
+        n_items=ingest.n_items,
+        block_size=ingest.block_size,
+        nnz_offdiagonal=sum(t.nnz * weight[t.row_block == t.col_block] for t in tiles),
+        offdiagonal_sum_of_squares=sum(
+            t.sum_of_squares * weight[t.row_block == t.col_block] for t in tiles
+        ),
+        tiles=tiles,
+    )
+    (directory / "summary.json").write_text(result.model_dump_json(indent=2))
+    logger.info(
+        "co-occurrence: %d tiles (%d dense), %d off-diagonal non-zeros",
+        len(tiles),
+        sum(t.layout == "dense" for t in tiles),
+        result.nnz_offdiagonal,
+    )
+    return result
+
+
+def load_cooccurrence_result(work_dir: str | Path) -> CooccurrenceResult:
+    path = Path(work_dir) / COOCCURRENCE_DIR / "summary.json"
+    return CooccurrenceResult.model_validate(json.loads(path.read_text()))

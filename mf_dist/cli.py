@@ -6,6 +6,7 @@ nothing else is caught.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ from mf_dist.errors import MfDistError
 
 if TYPE_CHECKING:
     from flows.pipeline import PipelineSummary
+
+# The temporary Prefect server would try to send telemetry on every start.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     name="mf-dist",

@@ -22,7 +22,7 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 
 # Per-model defaults for the settings whose good value depends on the objective.
 MODEL_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "cooccurrence": {"epochs": 60, "learning_rate": 0.05},
+    "cooccurrence": {"epochs": 60, "learning_rate": 0.1},
     "explicit": {"epochs": 20, "learning_rate": 0.005},
 }
 

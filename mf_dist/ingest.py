@@ -267,7 +267,8 @@ def finalise_block(
             first = int(np.flatnonzero(np.diff(starts, append=len(user)) > 1)[0])
             a, b = starts[first], starts[first] + 1
             raise InputError(
-                f"duplicate (user, item) pair ({user_index[user[a]]!r}, {item_index[item[a]]!r}): "
+                f"duplicate (user, item) pair ({_plain(user_index[user[a]])!r}, "
+                f"{_plain(item_index[item[a]])!r}): "
                 f"row {row[a]} of {files[source[a]]} and row {row[b]} of {files[source[b]]}; "
                 f"{n_duplicates} duplicate rows in all. Choose a policy with --duplicates "
                 "(last, sum, mean)",
@@ -305,6 +306,11 @@ def finalise_block(
         item_counts=item_counts,
         item_like_counts=liked_counts,
     )
+
+
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds, for readable messages."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def resolve_duplicate_policy(policy: DuplicatePolicy, columns: InputColumns) -> DuplicatePolicy:

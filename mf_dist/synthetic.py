@@ -46,7 +46,7 @@ def synthetic_ratings(
     counts = min_user_ratings + np.floor(extra).astype(np.int64)
     shortfall = n_ratings - int(counts.sum())
     counts += np.bincount(rng.integers(0, n_users, max(shortfall, 0)), minlength=n_users)
-    counts = np.minimum(counts, max(1, n_items // 4))
+    counts = np.minimum(counts, max(1, n_items // 2))
 
     keys = np.empty(0, dtype=np.int64)
     need = counts

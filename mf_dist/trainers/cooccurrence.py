@@ -153,6 +153,9 @@ class CooccurrenceTrainer:
         self.scale = objective.initial_scale(
             cooccurrence.offdiagonal_sum_of_squares, cooccurrence.n_items, rank
         )
+        # Starting below the data's scale makes the loss fall from the first
+        # step (at full scale it begins near twice ‖X₀‖²).
+        start_scale = 0.3 * self.scale
         # Adam's step is in units of the parameters, so the step is taken
         # relative to the start's scale: the same setting works whether X
         # counts in tens or in millions.
@@ -167,7 +170,7 @@ class CooccurrenceTrainer:
             for info in cooccurrence.tiles
         }
         self.vectors: list[Future] = [
-            self._submit(initial_block, stop - start, rank, self.scale, block_seed(seed, 0, block))
+            self._submit(initial_block, stop - start, rank, start_scale, block_seed(seed, 0, block))
             for block, start, stop in self.grid
         ]
         self.states: list[Future | None] = [None] * self.grid.n_blocks

@@ -1,0 +1,71 @@
+"""Shared fixtures: real Dask clusters of worker processes and tiny ratings sets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+
+from mf_dist.synthetic import synthetic_ratings, write_partitions
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+MOVIELENS_100K = REPO.parent / "shared" / "data" / "ml-100k.tsv"
+
+
+def start_client(workers: int) -> tuple[LocalCluster, Client]:
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    )
+    return cluster, Client(cluster)
+
+
+@pytest.fixture(scope="session")
+def clients() -> Iterator[dict[int, Client]]:
+    """Clients of two real local clusters: one and two worker processes."""
+    started = {workers: start_client(workers) for workers in (1, 2)}
+    yield {workers: client for workers, (_, client) in started.items()}
+    for cluster, client in started.values():
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def client(clients: dict[int, Client]) -> Client:
+    """A client of a two-worker cluster of processes."""
+    return clients[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_ratings() -> pd.DataFrame:
+    """About 3,000 ratings: 60 users × 300 items, heavy-tailed, no duplicates."""
+    return synthetic_ratings(3000, n_users=60, n_items=300, seed=7)
+
+
+def write_input(frame: pd.DataFrame, directory: Path, n_files: int = 3) -> Path:
+    write_partitions(frame, directory, n_files)
+    return directory
+
+
+@pytest.fixture
+def tiny_input(tmp_path: Path, tiny_ratings: pd.DataFrame) -> Path:
+    return write_input(tiny_ratings, tmp_path / "input")
+
+
+@pytest.fixture(scope="session")
+def movielens_100k() -> pd.DataFrame:
+    """MovieLens 100K from ../shared/data (skips when it is absent)."""
+    if not MOVIELENS_100K.exists():
+        pytest.skip(f"MovieLens 100K not found at {MOVIELENS_100K}")
+    frame = pd.read_csv(MOVIELENS_100K, sep="\t")
+    frame.columns = ["user_id", "item_id", "rating", "timestamp"]
+    return frame.astype({"user_id": "int64", "item_id": "int64", "rating": "float32", "timestamp": "int64"})

@@ -1,0 +1,89 @@
+"""Co-occurrence stage: X = SᵀS from tiles equals scipy's product exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+from mf_dist.cooccur import cooccurrence_blocks, load_tile
+from mf_dist.errors import InputError
+from mf_dist.ingest import ingest_ratings, liked_mask
+
+from .conftest import write_input
+
+
+def assembled_x(result) -> np.ndarray:
+    """The dense X (diagonal included) rebuilt from the stored tiles: for tests only."""
+    grid = result.item_grid
+    x = np.zeros((grid.n_rows, grid.n_rows), dtype=np.int64)
+    for info in result.tiles:
+        rows, cols = grid.bounds(info.row_block), grid.bounds(info.col_block)
+        tile = load_tile(info, (rows[1] - rows[0], cols[1] - cols[0]))
+        tile = tile if isinstance(tile, np.ndarray) else tile.toarray()
+        x[rows[0] : rows[1], cols[0] : cols[1]] = tile
+        x[cols[0] : cols[1], rows[0] : rows[1]] = tile.T
+    diagonal = pq.read_table(result.diagonal_path)["count"].to_numpy()
+    x[np.arange(grid.n_rows), np.arange(grid.n_rows)] = diagonal
+    return x
+
+
+def scipy_reference(ingest) -> np.ndarray:
+    """SᵀS by scipy on the ingested (indexed, de-duplicated) ratings."""
+    table = pd.concat(
+        [pq.read_table(ingest.ratings_path(b)).to_pandas() for b in range(ingest.user_grid.n_blocks)]
+    )
+    liked = table[liked_mask(table["rating"].to_numpy(), ingest.like_threshold)]
+    s = sp.csr_matrix(
+        (np.ones(len(liked), dtype=np.int64), (liked["user"], liked["item"])),
+        shape=(ingest.n_users, ingest.n_items),
+    )
+    return (s.T @ s).toarray()
+
+
+@pytest.mark.parametrize("block_size", [16, 37, 4096])
+@pytest.mark.parametrize("like_threshold", [None, 4.0])
+def test_tiles_equal_scipy_product(client, tmp_path, tiny_input, block_size, like_threshold):
+    ingest = ingest_ratings(
+        client, str(tiny_input), tmp_path / "work", block_size=block_size, like_threshold=like_threshold
+    )
+    result = cooccurrence_blocks(client, ingest, tmp_path / "work")
+    expected = scipy_reference(ingest)
+    np.testing.assert_array_equal(assembled_x(result), expected)
+    off = expected - np.diag(np.diag(expected))
+    assert result.nnz_offdiagonal == np.count_nonzero(off)
+    assert result.offdiagonal_sum_of_squares == float((off.astype(np.float64) ** 2).sum())
+    n_blocks = result.item_grid.n_blocks
+    assert len(result.tiles) == n_blocks * (n_blocks + 1) // 2
+    assert all(t.row_block <= t.col_block for t in result.tiles)
+
+
+def test_popular_tiles_are_dense_and_tail_tiles_sparse(client, tmp_path, tiny_input):
+    """Items ordered by popularity make the head tile dense and the tail sparse."""
+    ingest = ingest_ratings(client, str(tiny_input), tmp_path / "work", block_size=16)
+    result = cooccurrence_blocks(client, ingest, tmp_path / "work")
+    layouts = {(t.row_block, t.col_block): t.layout for t in result.tiles}
+    last = result.item_grid.n_blocks - 1
+    assert layouts[0, 0] == "dense"
+    assert layouts[last, last] == "sparse"
+
+
+def test_no_likes_is_a_clear_error(client, tmp_path, tiny_input):
+    ingest = ingest_ratings(client, str(tiny_input), tmp_path / "work", like_threshold=99.0)
+    with pytest.raises(InputError, match="no rating reaches the like threshold 99.0"):
+        cooccurrence_blocks(client, ingest, tmp_path / "work")
+
+
+def test_movielens_100k_equals_scipy(client, tmp_path, movielens_100k):
+    """MovieLens 100K (when ../shared/data has it): every like and every rating."""
+    source = write_input(movielens_100k, tmp_path / "ml", 4)
+    for threshold in (None, 4.0):
+        ingest = ingest_ratings(
+            client, str(source), tmp_path / "work", block_size=512, like_threshold=threshold
+        )
+        result = cooccurrence_blocks(client, ingest, tmp_path / "work")
+        assert ingest.n_ratings == 100_000
+        np.testing.assert_array_equal(assembled_x(result), scipy_reference(ingest))
+        assert {t.layout for t in result.tiles} == {"dense", "sparse"}

@@ -65,14 +65,19 @@ def test_cooccurrence_fixture_is_sensible():
     assert (torch.diagonal(x) > 0).any()
 
 
-def test_blocked_loss_matches_dense(dtype, rank, split):
-    """gram + block_loss_terms summed over row blocks + total_loss equal the dense loss."""
+def blocked_problem(rank, dtype, split):
+    """X, X₀, V, X₀V, the row blocks of ``split`` and G summed over those blocks."""
     x, x0 = cooccurrence_matrix()
     v = random_factors(rank, dtype)
     x0v = x0.to(dtype) @ v
     blocks = list(itertools.pairwise(split))
-
     g = sum(cooccurrence.gram(v[a:b]) for a, b in blocks)
+    return x, x0, v, x0v, blocks, g
+
+
+def test_blocked_loss_matches_dense(dtype, rank, split):
+    """gram + block_loss_terms summed over row blocks + total_loss equal the dense loss."""
+    x, x0, v, x0v, blocks, g = blocked_problem(rank, dtype, split)
     assert g.dtype == torch.float64
     fourth, cross = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for a, b in blocks:
@@ -88,11 +93,7 @@ def test_blocked_loss_matches_dense(dtype, rank, split):
 
 def test_block_gradient_matches_autograd(dtype, rank, split):
     """block_gradient per row block, stacked, equals autograd's gradient of the dense loss."""
-    x, x0 = cooccurrence_matrix()
-    v = random_factors(rank, dtype)
-    x0v = x0.to(dtype) @ v
-    blocks = list(itertools.pairwise(split))
-    g = sum(cooccurrence.gram(v[a:b]) for a, b in blocks)
+    x, _, v, x0v, blocks, g = blocked_problem(rank, dtype, split)
 
     grads = [cooccurrence.block_gradient(v[a:b], g, x0v[a:b]) for a, b in blocks]
     assert all(grad.dtype == dtype for grad in grads)

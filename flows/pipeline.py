@@ -157,7 +157,9 @@ def export_task(
 def factorization_pipeline(config: RunConfig) -> PipelineSummary:
     """Ratings Parquet in, published embedding tables out; see the module docstring."""
     run_id = new_run_id()
-    get_run_logger().info("run %s: %s model, rank %d, input %s", run_id, config.model, config.rank, config.input)
+    get_run_logger().info(
+        "run %s: %s model, rank %d, input %s", run_id, config.model, config.rank, config.input
+    )
     with open_client(
         workers=config.workers,
         threads_per_worker=config.threads_per_worker,

@@ -61,9 +61,7 @@ def dsgd_strata(n_row_blocks: int, n_col_blocks: int) -> list[list[tuple[int, in
     d = max(n_row_blocks, n_col_blocks)
     strata = []
     for shift in range(d):
-        stratum = [
-            (p, (p + shift) % d) for p in range(n_row_blocks) if (p + shift) % d < n_col_blocks
-        ]
+        stratum = [(p, (p + shift) % d) for p in range(n_row_blocks) if (p + shift) % d < n_col_blocks]
         if stratum:
             strata.append(stratum)
     return strata

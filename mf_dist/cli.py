@@ -64,7 +64,9 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(help="Ratings per gradient step (explicit).")] = None,
     workers: WorkersOption = None,
     threads_per_worker: Annotated[Optional[int], typer.Option(help="Threads per worker process.")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")] = None,
+    scheduler: Annotated[
+        Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")
+    ] = None,
     like_threshold: Annotated[
         Optional[float], typer.Option(help="Rating >= T counts as liked (default: every rating).")
     ] = None,
@@ -77,7 +79,9 @@ def run(
     duplicates: Annotated[
         Optional[DuplicatePolicy], typer.Option(help="Policy for repeated (user, item) pairs.")
     ] = None,
-    work_dir: Annotated[Optional[str], typer.Option(help="Intermediate data (default <output>/_work).")] = None,
+    work_dir: Annotated[
+        Optional[str], typer.Option(help="Intermediate data (default <output>/_work).")
+    ] = None,
     device: Annotated[Optional[DeviceName], typer.Option(help="auto, cpu or cuda.")] = None,
 ) -> None:
     """Run the pipeline on your own Parquet ratings."""
@@ -148,7 +152,9 @@ def generate(
 def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
     """The end-of-run summary: tables, sizes, loss and per-stage cost."""
     overview = Table(title=f"mf-dist run {summary.run_id}", show_header=False)
-    overview.add_row("model", f"{summary.model}, rank {summary.rank}, {summary.epochs} epochs, {summary.device}")
+    overview.add_row(
+        "model", f"{summary.model}, rank {summary.rank}, {summary.epochs} epochs, {summary.device}"
+    )
     overview.add_row(
         "data",
         f"{summary.n_ratings:,} ratings, {summary.n_likes:,} likes, "

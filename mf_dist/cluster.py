@@ -93,9 +93,7 @@ def compute_device(preference: str = "auto") -> torch.device:
         return torch.device("cpu")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device='cuda' but no GPU is visible to worker pid {os.getpid()}"
-            )
+            raise ConfigError(f"device='cuda' but no GPU is visible to worker pid {os.getpid()}")
         return torch.device("cuda", 0)
     return torch.device("cpu")
 

@@ -38,17 +38,13 @@ class RunConfig(BaseModel):
 
     input: str = Field(description="Directory of Parquet files, a single file, or a glob.")
     output: str = Field(description="Directory that receives the published tables.")
-    work_dir: str | None = Field(
-        None, description="Intermediate data (default: <output>/_work)."
-    )
+    work_dir: str | None = Field(None, description="Intermediate data (default: <output>/_work).")
 
     model: ModelName = "cooccurrence"
     rank: int = Field(32, ge=1, le=1024, description="Embedding dimension k.")
     epochs: int | None = Field(None, ge=1, le=100_000)
     learning_rate: float | None = Field(None, gt=0, le=10)
-    regularization: float = Field(
-        0.05, ge=0, description="L2 weight per observed rating (weighted-lambda)."
-    )
+    regularization: float = Field(0.05, ge=0, description="L2 weight per observed rating (weighted-lambda).")
     batch_size: int = Field(1024, ge=1, description="Ratings per gradient step inside a block.")
     block_size: int = Field(
         4096, ge=16, le=1 << 20, description="Users or items per block (memory per task)."
@@ -57,9 +53,7 @@ class RunConfig(BaseModel):
 
     user_col: str = "user_id"
     item_col: str = "item_id"
-    rating_col: str = Field(
-        "rating", description="Absent from the files means implicit feedback (1.0)."
-    )
+    rating_col: str = Field("rating", description="Absent from the files means implicit feedback (1.0).")
     timestamp_col: str = Field("timestamp", description="Used for duplicates when present.")
     like_threshold: float | None = Field(
         None, description="A rating >= this counts as 'liked' in S; unset: every rating."
@@ -80,9 +74,7 @@ class RunConfig(BaseModel):
         description="Worker processes of the local Dask cluster.",
     )
     threads_per_worker: int = Field(1, ge=1, le=256)
-    scheduler: str | None = Field(
-        None, description="Address of an existing Dask scheduler to join instead."
-    )
+    scheduler: str | None = Field(None, description="Address of an existing Dask scheduler to join instead.")
     device: DeviceName = "auto"
 
     @model_validator(mode="after")

@@ -217,9 +217,7 @@ def cooccurrence_blocks(client: Client, ingest: IngestResult, work_dir: str | Pa
         n_items=ingest.n_items,
         block_size=ingest.block_size,
         nnz_offdiagonal=sum(t.nnz * weight[t.row_block == t.col_block] for t in tiles),
-        offdiagonal_sum_of_squares=sum(
-            t.sum_of_squares * weight[t.row_block == t.col_block] for t in tiles
-        ),
+        offdiagonal_sum_of_squares=sum(t.sum_of_squares * weight[t.row_block == t.col_block] for t in tiles),
         tiles=tiles,
     )
     (directory / "summary.json").write_text(result.model_dump_json(indent=2))

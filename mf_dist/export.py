@@ -94,9 +94,7 @@ def write_part(
     flat = np.concatenate(vectors).astype(np.float32, copy=False)
     if len(ids) != len(flat):
         raise OutputError(f"{id_map_path}: {len(ids)} ids for {len(flat)} factor rows of {table.name}")
-    schema = embedding_table_schema(
-        id_column, pa.type_for_alias(id_type), table.rank, table.has_bias
-    )
+    schema = embedding_table_schema(id_column, pa.type_for_alias(id_type), table.rank, table.has_bias)
     columns = [
         ids.cast(schema.field(id_column).type),
         pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), table.rank),
@@ -195,7 +193,12 @@ def _write_table(
         "rank": train.rank,
         "id_column": id_column,
         "id_type": id_type,
-        "columns": [field.name for field in embedding_table_schema(id_column, pa.type_for_alias(id_type), table.rank, table.has_bias)],
+        "columns": [
+            field.name
+            for field in embedding_table_schema(
+                id_column, pa.type_for_alias(id_type), table.rank, table.has_bias
+            )
+        ],
         "row_count": int(sum(rows)),
         "files": [{"name": name, "rows": int(count)} for name, count in zip(names, rows, strict=True)],
         "metrics": {"final_loss": train.final_loss, **train.history[-1].metrics},

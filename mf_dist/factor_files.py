@@ -41,9 +41,7 @@ class FactorTable(BaseModel):
         return vectors, bias
 
 
-def write_factor_block(
-    table: FactorTable, block: int, vectors: np.ndarray, bias: np.ndarray | None
-) -> None:
+def write_factor_block(table: FactorTable, block: int, vectors: np.ndarray, bias: np.ndarray | None) -> None:
     """Write one row block of ``table`` (float32)."""
     Path(table.directory).mkdir(parents=True, exist_ok=True)
     np.save(table.embedding_path(block), np.ascontiguousarray(vectors, dtype=np.float32))

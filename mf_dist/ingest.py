@@ -125,9 +125,7 @@ def scan_partition(
         if nulls.any():
             row = _first_bad_row(nulls)
             return PartitionScan(
-                problem=InputError(
-                    f"null id ({int(nulls.sum())} rows)", file=file, column=column, row=row
-                )
+                problem=InputError(f"null id ({int(nulls.sum())} rows)", file=file, column=column, row=row)
             )
         values = frame[column]
         if pd.api.types.is_integer_dtype(values.dtype):

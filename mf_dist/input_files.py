@@ -50,8 +50,7 @@ def list_input_files(path: str) -> list[str]:
         files = [
             str(f)
             for f in root.rglob("*")
-            if f.is_file()
-            and not any(part.startswith((".", "_")) for part in f.relative_to(root).parts)
+            if f.is_file() and not any(part.startswith((".", "_")) for part in f.relative_to(root).parts)
         ]
     elif os.path.isfile(path):
         files = [path]
@@ -88,7 +87,9 @@ def check_schemas(
         try:
             schemas.append(pq.read_schema(file))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"not a readable Parquet file (truncated or corrupt?): {exc}", file=file) from exc
+            raise InputError(
+                f"not a readable Parquet file (truncated or corrupt?): {exc}", file=file
+            ) from exc
 
     id_types: dict[str, tuple[pa.DataType, str]] = {}
     for file, schema in zip(files, schemas, strict=True):

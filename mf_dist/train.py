@@ -40,9 +40,7 @@ def train_factors(
     """Train ``model`` on the ingested data in ``work_dir``; returns the loss history and factor paths."""
     ingest = load_ingest_result(work_dir)
     if rank > ingest.n_items:
-        raise ConfigError(
-            f"rank {rank} is larger than the number of items ({ingest.n_items}); lower --rank"
-        )
+        raise ConfigError(f"rank {rank} is larger than the number of items ({ingest.n_items}); lower --rank")
     directory = Path(work_dir) / TRAIN_DIR / model
     if directory.exists():
         shutil.rmtree(directory)

@@ -72,7 +72,7 @@ def test_popular_tiles_are_dense_and_tail_tiles_sparse(client, tmp_path, tiny_in
 
 def test_no_likes_is_a_clear_error(client, tmp_path, tiny_input):
     ingest = ingest_ratings(client, str(tiny_input), tmp_path / "work", like_threshold=99.0)
-    with pytest.raises(InputError, match="no rating reaches the like threshold 99.0"):
+    with pytest.raises(InputError, match=r"no rating reaches the like threshold 99\.0"):
         cooccurrence_blocks(client, ingest, tmp_path / "work")
 
 

@@ -117,7 +117,9 @@ def test_duplicates_error_names_both_rows(client, tmp_path, tiny_ratings):
     """With ratings but no timestamp, a repeated pair is an error naming both rows."""
     frame = _with_duplicates(tiny_ratings).drop(columns="timestamp")
     source = write_input(frame, tmp_path / "in", 1)
-    pattern = r"duplicate \(user, item\) pair \((\d+), (\d+)\): row (\d+) of .*part-00000\.parquet and row (\d+) of"
+    pattern = (
+        r"duplicate \(user, item\) pair \((\d+), (\d+)\): row (\d+) of .*part-00000\.parquet and row (\d+) of"
+    )
     with pytest.raises(InputError, match=pattern) as error:
         ingest_ratings(client, str(source), tmp_path / "work")
     user, item, first, second = map(int, re.search(pattern, str(error.value)).groups())
@@ -186,7 +188,9 @@ BAD_INPUTS = {
     "empty directory": r"in: no Parquet files found",
     "corrupt file": r"b\.parquet: not a readable Parquet file",
     "mixed id types": r"b\.parquet, column 'item_id': ids are string here but int64 in .*a\.parquet",
-    "rating column in some files only": r"b\.parquet, column 'rating': column is in .*a\.parquet but not here",
+    "rating column in some files only": (
+        r"b\.parquet, column 'rating': column is in .*a\.parquet but not here"
+    ),
     "missing path": r"nowhere: input path does not exist",
 }
 

@@ -15,7 +15,6 @@ is accumulated in float64: it is a difference of large terms.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
@@ -56,12 +55,7 @@ def total_loss(
     gram_matrix: Tensor, sum_fourth_powers: Tensor, cross: Tensor, offdiagonal_sum_of_squares: float
 ) -> Tensor:
     """Σ_{i≠j} (v_iᵀv_j − X_ij)² from the block sums (float64 scalar)."""
-    return (
-        (gram_matrix.double() ** 2).sum()
-        - sum_fourth_powers
-        - 2 * cross
-        + offdiagonal_sum_of_squares
-    )
+    return (gram_matrix.double() ** 2).sum() - sum_fourth_powers - 2 * cross + offdiagonal_sum_of_squares
 
 
 def block_gradient(vectors: Tensor, gram_matrix: Tensor, cross_product: Tensor) -> Tensor:

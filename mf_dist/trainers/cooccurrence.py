@@ -42,24 +42,51 @@ EpochCallback = Callable[[EpochRecord], None]
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-def load_tile_tensors(
-    info: TileInfo, shape: tuple[int, int], device_preference: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A stored tile as float32 tensors on this worker's device: (X₀_bc, X₀_bcᵀ or None)."""
-    device = compute_device(device_preference)
-    tile = load_tile(info, shape)
-    if isinstance(tile, np.ndarray):
-        return torch.from_numpy(tile.astype(np.float32)).to(device), None
+def csr_tensor(matrix: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(matrix.indptr.astype(np.int64)),
+        torch.from_numpy(matrix.indices.astype(np.int64)),
+        torch.from_numpy(matrix.data.astype(np.float32)),
+        size=matrix.shape,
+        # scipy's CSR is already canonical; checking it again costs a pass.
+        check_invariants=False,
+    ).to(device)
 
-    def as_csr(matrix: sp.csr_matrix) -> torch.Tensor:
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(matrix.indptr.astype(np.int64)),
-            torch.from_numpy(matrix.indices.astype(np.int64)),
-            torch.from_numpy(matrix.data.astype(np.float32)),
-            size=matrix.shape,
-        ).to(device)
 
-    return as_csr(tile), as_csr(tile.T.tocsr())
+class ResidentTile:
+    """A tile of X₀ as float32 tensors on a worker's device, kept for the whole run.
+
+    Dense tiles hold one tensor; sparse ones hold X₀_bc and X₀_bcᵀ as CSR
+    (a CSC product is an order of magnitude slower). Dask cannot serialise
+    sparse CSR tensors, so a tile that must move (a lost worker, a
+    rebalance) travels as scipy arrays and lands on the receiving worker's
+    device. ``__sizeof__`` reports the real footprint so that the scheduler
+    sends the small factor blocks to the tile rather than the reverse.
+    """
+
+    def __init__(self, tile: np.ndarray | sp.csr_matrix, device_preference: str) -> None:
+        self.source = tile
+        self.device_preference = device_preference
+        device = compute_device(device_preference)
+        if isinstance(tile, np.ndarray):
+            self.forward = torch.from_numpy(tile.astype(np.float32)).to(device)
+            self.transposed: torch.Tensor | None = None
+        else:
+            self.forward = csr_tensor(tile, device)
+            self.transposed = csr_tensor(tile.T.tocsr(), device)
+
+    def __reduce__(self) -> tuple:
+        return (ResidentTile, (self.source, self.device_preference))
+
+    def __sizeof__(self) -> int:
+        if isinstance(self.source, np.ndarray):
+            return 2 * self.source.nbytes
+        return 4 * (self.source.data.nbytes + self.source.indices.nbytes + self.source.indptr.nbytes)
+
+
+def load_tile_tensors(info: TileInfo, shape: tuple[int, int], device_preference: str) -> ResidentTile:
+    """A stored tile, loaded onto this worker's device."""
+    return ResidentTile(load_tile(info, shape), device_preference)
 
 
 def initial_block(n_rows: int, rank: int, scale: float, seed: int) -> torch.Tensor:
@@ -83,14 +110,13 @@ def zeros_like_block(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def tile_products(
-    tile: tuple[torch.Tensor, torch.Tensor | None],
-    row_vectors: torch.Tensor,
-    col_vectors: torch.Tensor,
+    tile: ResidentTile, row_vectors: torch.Tensor, col_vectors: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(X₀_bc V_c, X₀_bcᵀ V_b) computed on the tile's device, returned on the CPU."""
-    forward, transposed = tile
-    device = forward.device
-    a, b = objective.tile_products(forward, transposed, row_vectors.to(device), col_vectors.to(device))
+    device = tile.forward.device
+    a, b = objective.tile_products(
+        tile.forward, tile.transposed, row_vectors.to(device), col_vectors.to(device)
+    )
     return a.cpu(), b.cpu()
 
 
@@ -237,9 +263,7 @@ class CooccurrenceTrainer:
             rank=self.rank,
             has_bias=False,
         )
-        self.client.gather(
-            [self.client.submit(save_block, table, b, v) for b, v in enumerate(self.vectors)]
-        )
+        self.client.gather([self.client.submit(save_block, table, b, v) for b, v in enumerate(self.vectors)])
         return table
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from mf_dist.config import DeviceName, DuplicatePolicy, ModelName, RunConfig, load_config
 from mf_dist.errors import MfDistError
+from mf_dist.input_files import check_schemas, list_input_files
 
 if TYPE_CHECKING:
     from flows.pipeline import PipelineSummary
@@ -46,6 +47,15 @@ SeedOption = Annotated[Optional[int], typer.Option(help="Random seed.")]
 
 
 def _run(config: RunConfig) -> PipelineSummary:
+    # Reading the footers takes milliseconds; a wrong path or column should
+    # not wait for a Prefect server and a cluster to start.
+    check_schemas(
+        list_input_files(config.input),
+        user_col=config.user_col,
+        item_col=config.item_col,
+        rating_col=config.rating_col,
+        timestamp_col=config.timestamp_col,
+    )
     from flows.pipeline import factorization_pipeline
 
     return factorization_pipeline(config)

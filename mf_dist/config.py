@@ -16,15 +16,60 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mf_dist.errors import ConfigError
 
-ModelName = Literal["cooccurrence", "explicit"]
+ModelName = Literal["cooccurrence", "explicit", "implicit", "nmf"]
+SolverName = Literal["auto", "als", "gradient", "mu"]
+OptimizerName = Literal["adam", "adagrad"]
 DuplicatePolicy = Literal["auto", "last", "sum", "mean", "error"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
-# Per-model defaults for the settings whose good value depends on the objective.
+# Per-model defaults for the settings whose good value depends on the objective
+# (and, for the learning rate, on the solver: only gradient solvers use one).
 MODEL_DEFAULTS: dict[str, dict[str, float | int]] = {
     "cooccurrence": {"epochs": 60, "learning_rate": 0.1},
     "explicit": {"epochs": 20, "learning_rate": 0.005},
+    "implicit": {"epochs": 15, "learning_rate": 0.01},
+    "nmf": {"epochs": 200, "learning_rate": 0.05},
 }
+
+# The solvers each model offers; the first is the default (``solver = "auto"``).
+MODEL_SOLVERS: dict[str, tuple[str, ...]] = {
+    "explicit": ("als", "gradient"),
+    "implicit": ("als", "gradient"),
+    "cooccurrence": ("gradient", "als"),
+    "nmf": ("mu", "gradient"),
+}
+
+
+class TrainSettings(BaseModel):
+    """The part of a run's configuration the train stage reads, with defaults resolved.
+
+    ``tolerance`` stops training early once the loss improves by less than
+    this fraction over an epoch (0 disables early stopping).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelName
+    solver: Literal["als", "gradient", "mu"]
+    rank: int = Field(ge=1, le=1024)
+    epochs: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    regularization: float = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    optimizer: OptimizerName = "adam"
+    alpha: float = Field(10.0, gt=0)
+    als_method: Literal["cg", "cholesky"] = "cg"
+    cg_steps: int = Field(3, ge=1)
+    loss: Literal["squared", "weighted"] = "squared"
+    weight_x_max: float = Field(100.0, gt=0)
+    weight_power: float = Field(0.75, gt=0)
+    log_target: bool = False
+    target: Literal["cooccurrence", "ratings"] = "cooccurrence"
+    tolerance: float = Field(0.0, ge=0)
+    seed: int = Field(0, ge=0)
+    device: DeviceName = "auto"
+    resume: bool = False
+    init_from: str | None = None
 
 
 class RunConfig(BaseModel):
@@ -41,6 +86,7 @@ class RunConfig(BaseModel):
     work_dir: str | None = Field(None, description="Intermediate data (default: <output>/_work).")
 
     model: ModelName = "cooccurrence"
+    solver: SolverName = Field("auto", description="'auto' picks the model's default (see MODEL_SOLVERS).")
     rank: int = Field(32, ge=1, le=1024, description="Embedding dimension k.")
     epochs: int | None = Field(None, ge=1, le=100_000)
     learning_rate: float | None = Field(None, gt=0, le=10)
@@ -50,6 +96,27 @@ class RunConfig(BaseModel):
         4096, ge=16, le=1 << 20, description="Users or items per block (memory per task)."
     )
     seed: int = Field(0, ge=0)
+    optimizer: OptimizerName = Field("adam", description="Gradient solvers: adam or adagrad.")
+    alpha: float = Field(10.0, gt=0, description="Implicit model: confidence c = 1 + alpha * r.")
+    als_method: Literal["cg", "cholesky"] = Field(
+        "cg", description="Implicit ALS: conjugate gradient (Takacs et al.) or exact Cholesky solves."
+    )
+    cg_steps: int = Field(3, ge=1, le=100, description="Conjugate-gradient steps per implicit ALS solve.")
+    loss: Literal["squared", "weighted"] = Field(
+        "squared",
+        description="Co-occurrence: all pairs (squared), or GloVe-style f(X) weights on non-zeros.",
+    )
+    weight_x_max: float = Field(100.0, gt=0, description="Weighted loss: f(x) = min(1, (x / x_max)^power).")
+    weight_power: float = Field(0.75, gt=0)
+    log_target: bool = Field(False, description="Weighted loss: fit log X_ij instead of X_ij.")
+    target: Literal["cooccurrence", "ratings"] = Field(
+        "cooccurrence", description="NMF: factorize X = S^T S or the liked matrix S itself."
+    )
+    tolerance: float = Field(
+        1e-4, ge=0, description="Stop when an epoch improves the loss by less than this fraction (0: never)."
+    )
+    resume: bool = Field(False, description="Continue from the last checkpoint in the work directory.")
+    init_from: str | None = Field(None, description="Warm start from the tables published under this output.")
 
     user_col: str = "user_id"
     item_col: str = "item_id"
@@ -83,6 +150,44 @@ class RunConfig(BaseModel):
             raise ValueError("output must differ from input")
         return self
 
+    @model_validator(mode="after")
+    def _solver_fits_model(self) -> RunConfig:
+        if self.solver != "auto" and self.solver not in MODEL_SOLVERS[self.model]:
+            choices = ", ".join(MODEL_SOLVERS[self.model])
+            raise ValueError(f"the {self.model} model has no solver {self.solver!r}; choose one of {choices}")
+        return self
+
+    @property
+    def resolved_solver(self) -> str:
+        return MODEL_SOLVERS[self.model][0] if self.solver == "auto" else self.solver
+
+    @property
+    def train_settings(self) -> TrainSettings:
+        """What the train stage needs, with per-model defaults filled in."""
+        return TrainSettings(
+            model=self.model,
+            solver=self.resolved_solver,
+            rank=self.rank,
+            epochs=self.resolved_epochs,
+            learning_rate=self.resolved_learning_rate,
+            regularization=self.regularization,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            alpha=self.alpha,
+            als_method=self.als_method,
+            cg_steps=self.cg_steps,
+            loss=self.loss,
+            weight_x_max=self.weight_x_max,
+            weight_power=self.weight_power,
+            log_target=self.log_target,
+            target=self.target,
+            tolerance=self.tolerance,
+            seed=self.seed,
+            device=self.device,
+            resume=self.resume,
+            init_from=self.init_from,
+        )
+
     @property
     def resolved_epochs(self) -> int:
         return int(self.epochs or MODEL_DEFAULTS[self.model]["epochs"])
@@ -103,6 +208,8 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in problem["loc"]) or "(config)"
         if problem["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}")
+        elif not problem["loc"]:
+            lines.append(str(problem["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"{key}: {problem['msg']} (got {problem.get('input')!r})")
     return f"invalid configuration in {source}: " + "; ".join(lines)

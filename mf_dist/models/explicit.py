@@ -7,11 +7,18 @@ The objective per observed rating is
 so a user or item is regularised in proportion to its number of ratings
 (the weighted-λ scheme of Zhou et al., 2008). Only the gathered rows of U and
 V for a batch of ratings are ever multiplied: never the dense U Vᵀ.
+
+Two solvers use this objective: mini-batch gradient steps on
+:func:`batch_objective`, and ALS, whose half-step :func:`als_update_rows` is
+the exact minimiser of the same objective over one side.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+from mf_dist.solvers import normal_equations
 
 
 def predict(
@@ -43,3 +50,41 @@ def batch_objective(
         + (item_bias * item_bias).sum()
     )
     return squared_error + regularization * penalty, squared_error
+
+
+def als_update_rows(
+    rows: Tensor,
+    cols: Tensor,
+    ratings: Tensor,
+    n_rows: int,
+    col_vectors: Tensor,
+    col_bias: Tensor,
+    global_mean: float,
+    regularization: float,
+) -> tuple[Tensor, Tensor]:
+    """The exact least-squares rows of one side, the other side fixed (one ALS half-step).
+
+    For each row r (a user, or an item when the roles are swapped) with
+    observed entries (r, c, x): minimise Σ_c (x − μ − b_c − b_r − w_rᵀ v_c)²
+    + λ n_r (‖w_r‖² + b_r²), i.e. solve ([V 1]ᵀ[V 1] + λ n_r I) [w_r; b_r] =
+    [V 1]ᵀ (x − μ − b_c). ``rows`` (e,) int64 local row indices sorted
+    ascending, ``cols`` (e,) int64 indices into ``col_vectors`` (m × k) and
+    ``col_bias`` (m), ``ratings`` (e,). Returns vectors (n_rows × k) and
+    biases (n_rows); a row with no entries gets zeros.
+    """
+    rank = col_vectors.shape[1]
+    dtype = col_vectors.dtype
+    ones = torch.ones(len(cols), 1, dtype=dtype, device=col_vectors.device)
+    features = torch.cat([col_vectors[cols], ones], dim=1)
+    targets = ratings.to(dtype) - global_mean - col_bias[cols]
+    counts = torch.bincount(rows, minlength=n_rows).to(dtype)
+    eye = torch.eye(rank + 1, dtype=dtype, device=col_vectors.device)
+    solution = torch.zeros(n_rows, rank + 1, dtype=dtype, device=col_vectors.device)
+    for start, stop in normal_equations.row_chunks(n_rows, rank + 1):
+        first, last = normal_equations.entry_ranges(rows, start, stop)
+        local = rows[first:last] - start
+        gram = normal_equations.row_gram_sums(local, features[first:last], stop - start)
+        gram += regularization * counts[start:stop].clamp_min(1.0)[:, None, None] * eye
+        rhs = normal_equations.row_vector_sums(local, features[first:last], targets[first:last], stop - start)
+        solution[start:stop] = normal_equations.solve_normal_equations(gram, rhs)
+    return solution[:, :rank].contiguous(), solution[:, rank].contiguous()

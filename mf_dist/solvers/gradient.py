@@ -50,13 +50,13 @@ def adam_step(
 
 @dataclass
 class RowBlock:
-    """One factor row block: vectors (n × k), biases (n), and their optimiser state.
+    """One factor row block: vectors (n × k), biases (n) or None, and their optimiser state.
 
     Tensors live on the CPU between tasks; a task moves them to its device.
     """
 
     vectors: Tensor
-    bias: Tensor
+    bias: Tensor | None = None
     state: OptimizerState = field(default_factory=dict)
 
     @property

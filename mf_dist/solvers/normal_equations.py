@@ -1,0 +1,107 @@
+"""Least-squares row solves for ALS: per-row normal equations, batched Cholesky and CG.
+
+Every row r of a factor block solves its own k × k system A_r x_r = b_r. The
+systems are assembled from the observed entries of the row (sorted by row)
+and solved as one batch: exactly by Cholesky (``torch.linalg.cholesky_ex``),
+or approximately by a few conjugate-gradient steps started from the current
+factors (Takács, Pilászy & Tikk, RecSys 2011), which never forms A_r.
+
+Memory: an assembled batch holds rows × k × k floats, so callers cut a block
+into :func:`row_chunks` whose systems fit ``budget_bytes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+# Rows × k² floats of assembled systems per chunk: 256 MiB keeps a k = 1024
+# solve at 64 rows per chunk and a k = 64 block in one piece.
+DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
+
+# Entries whose outer products are materialised at once while assembling.
+ENTRY_BUDGET_FLOATS = 32 * 1024 * 1024
+
+
+def row_chunks(n_rows: int, rank: int, budget_bytes: int | None = None) -> Iterator[tuple[int, int]]:
+    """Half-open row ranges whose k × k systems (float32) fit ``budget_bytes`` together.
+
+    The default budget is :data:`DEFAULT_BUDGET_BYTES`, read at call time.
+    """
+    per_row = max(1, rank * rank * 4)
+    size = max(1, (budget_bytes or DEFAULT_BUDGET_BYTES) // per_row)
+    for start in range(0, n_rows, size):
+        yield start, min(start + size, n_rows)
+
+
+def entry_ranges(sorted_rows: Tensor, start: int, stop: int) -> tuple[int, int]:
+    """The slice of entries (sorted by row) whose row lies in ``[start, stop)``."""
+    bounds = torch.searchsorted(sorted_rows, torch.tensor([start, stop], device=sorted_rows.device))
+    return int(bounds[0]), int(bounds[1])
+
+
+def row_gram_sums(rows: Tensor, features: Tensor, n_rows: int, weights: Tensor | None = None) -> Tensor:
+    """Σ_e w_e f_e f_eᵀ grouped by row: (n_rows × k × k).
+
+    ``rows`` (e,) int64 in [0, n_rows); ``features`` (e × k); ``weights`` (e,) or None for 1.
+    """
+    k = features.shape[1]
+    gram = torch.zeros(n_rows, k, k, dtype=features.dtype, device=features.device)
+    step = max(1, ENTRY_BUDGET_FLOATS // max(1, k * k))
+    for start in range(0, len(rows), step):
+        f = features[start : start + step]
+        weighted = f if weights is None else f * weights[start : start + step, None]
+        gram.index_add_(0, rows[start : start + step], weighted.unsqueeze(2) * f.unsqueeze(1))
+    return gram
+
+
+def row_vector_sums(rows: Tensor, features: Tensor, values: Tensor, n_rows: int) -> Tensor:
+    """Σ_e v_e f_e grouped by row: (n_rows × k)."""
+    total = torch.zeros(n_rows, features.shape[1], dtype=features.dtype, device=features.device)
+    total.index_add_(0, rows, features * values[:, None])
+    return total
+
+
+def solve_normal_equations(gram: Tensor, rhs: Tensor) -> Tensor:
+    """Solve A_r x_r = b_r for a batch of symmetric positive definite systems.
+
+    ``gram`` (n × k × k), ``rhs`` (n × k) → (n × k). Rows whose system is not
+    numerically positive definite are retried with a small ridge scaled to
+    their diagonal, so a single degenerate row cannot fail a whole block.
+    """
+    if gram.shape[0] == 0:
+        return rhs.clone()
+    factor, info = torch.linalg.cholesky_ex(gram)
+    bad = info != 0
+    if bool(bad.any()):
+        eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
+        scale = gram[bad].diagonal(dim1=1, dim2=2).abs().mean(dim=1).clamp_min(1.0)
+        factor[bad] = torch.linalg.cholesky(gram[bad] + 1e-6 * scale[:, None, None] * eye)
+    return torch.cholesky_solve(rhs.unsqueeze(2), factor).squeeze(2)
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor], rhs: Tensor, initial: Tensor, steps: int
+) -> Tensor:
+    """``steps`` batched conjugate-gradient iterations on A_r x_r = b_r from ``initial``.
+
+    ``matvec(X)`` returns the rows A_r x_r for a batch X (n × k); A_r must be
+    symmetric positive definite. Rows whose residual vanishes stop moving.
+    """
+    x = initial.clone()
+    residual = rhs - matvec(x)
+    direction = residual.clone()
+    squared = (residual * residual).sum(dim=1)
+    for _ in range(steps):
+        applied = matvec(direction)
+        curvature = (direction * applied).sum(dim=1)
+        alpha = torch.where(curvature > 0, squared / curvature.clamp_min(1e-30), torch.zeros_like(squared))
+        x = x + alpha[:, None] * direction
+        residual = residual - alpha[:, None] * applied
+        new_squared = (residual * residual).sum(dim=1)
+        beta = torch.where(squared > 0, new_squared / squared.clamp_min(1e-30), torch.zeros_like(squared))
+        direction = residual + beta[:, None] * direction
+        squared = new_squared
+    return x

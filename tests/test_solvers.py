@@ -1,0 +1,177 @@
+"""ALS math against dense references: normal equations, CG, explicit and implicit row updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mf_dist.models import explicit, implicit
+from mf_dist.solvers import normal_equations
+
+
+def random_entries(n_rows: int, n_cols: int, density: float, seed: int, empty_row: bool = True):
+    """Observed entries sorted by row (row 0 left empty to cover rows without data)."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_rows, n_cols, generator=generator) < density
+    if empty_row:
+        mask[0] = False
+    rows, cols = mask.nonzero(as_tuple=True)
+    values = torch.randint(1, 6, (len(rows),), generator=generator).double()
+    return rows, cols, values
+
+
+def spd_batch(n: int, k: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, k, k, generator=generator, dtype=torch.float64)
+    return a @ a.transpose(1, 2) + 0.5 * torch.eye(k, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", [1, 4, 17])
+def test_batched_cholesky_matches_numpy(k):
+    gram = spd_batch(6, k, seed=k)
+    rhs = torch.randn(6, k, dtype=torch.float64)
+    expected = np.linalg.solve(gram.numpy(), rhs.numpy()[..., None])[..., 0]
+    np.testing.assert_allclose(
+        normal_equations.solve_normal_equations(gram, rhs).numpy(), expected, rtol=1e-8
+    )
+
+
+def test_singular_row_gets_a_ridge_not_a_failure():
+    gram = torch.zeros(2, 3, 3, dtype=torch.float64)
+    gram[1] = torch.eye(3, dtype=torch.float64)
+    solution = normal_equations.solve_normal_equations(gram, torch.ones(2, 3, dtype=torch.float64))
+    assert torch.isfinite(solution).all()
+    torch.testing.assert_close(solution[1], torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [2, 5, 9])
+def test_conjugate_gradient_converges_in_k_steps(k):
+    gram = spd_batch(4, k, seed=3)
+    rhs = torch.randn(4, k, dtype=torch.float64)
+    solution = normal_equations.conjugate_gradient(
+        lambda x: (gram @ x.unsqueeze(2)).squeeze(2), rhs, torch.zeros_like(rhs), steps=k
+    )
+    expected = torch.linalg.solve(gram, rhs)
+    torch.testing.assert_close(solution, expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("regularization", [0.0, 0.1, 3.0])
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_explicit_als_rows_equal_lstsq(rank, regularization):
+    n_rows, n_cols = 7, 12
+    rows, cols, values = random_entries(n_rows, n_cols, 0.6, seed=rank)
+    generator = torch.Generator().manual_seed(11)
+    col_vectors = torch.randn(n_cols, rank, generator=generator, dtype=torch.float64)
+    col_bias = torch.randn(n_cols, generator=generator, dtype=torch.float64)
+    mean = 3.2
+    vectors, bias = explicit.als_update_rows(
+        rows, cols, values, n_rows, col_vectors, col_bias, mean, regularization
+    )
+    for r in range(n_rows):
+        observed = rows == r
+        if not observed.any():
+            assert torch.all(vectors[r] == 0) and bias[r] == 0
+            continue
+        features = np.hstack([col_vectors[cols[observed]].numpy(), np.ones((int(observed.sum()), 1))])
+        target = (values[observed] - mean - col_bias[cols[observed]]).numpy()
+        ridge = np.sqrt(regularization * int(observed.sum())) * np.eye(rank + 1)
+        stacked = np.vstack([features, ridge])
+        expected = np.linalg.lstsq(stacked, np.concatenate([target, np.zeros(rank + 1)]), rcond=None)[0]
+        if regularization == 0 and observed.sum() < rank + 1:
+            continue  # under-determined: any minimiser will do
+        np.testing.assert_allclose(vectors[r].numpy(), expected[:rank], rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(float(bias[r]), expected[rank], rtol=1e-6, atol=1e-8)
+
+
+def test_explicit_als_is_a_stationary_point_of_the_gradient_objective():
+    rows, cols, values = random_entries(9, 10, 0.7, seed=5)
+    col_vectors = torch.randn(10, 4, dtype=torch.float64)
+    col_bias = torch.randn(10, dtype=torch.float64)
+    vectors, bias = explicit.als_update_rows(rows, cols, values, 9, col_vectors, col_bias, 3.0, 0.2)
+    vectors.requires_grad_(True)
+    bias.requires_grad_(True)
+    total, _ = explicit.batch_objective(
+        vectors[rows], col_vectors[cols], bias[rows], col_bias[cols], values, 3.0, 0.2
+    )
+    # The ALS rows minimise the gradient solver's objective: its gradient vanishes there
+    # (the column side's penalty does not depend on the rows).
+    total.backward()
+    torch.testing.assert_close(vectors.grad, torch.zeros_like(vectors), atol=1e-9, rtol=0)
+    torch.testing.assert_close(bias.grad, torch.zeros_like(bias), atol=1e-9, rtol=0)
+
+
+def dense_implicit_reference(rows, cols, values, n_rows, n_cols, col_vectors, alpha, regularization):
+    """Hu et al. (2008), eq. 4, row by row with dense C_u and p_u."""
+    preference = np.zeros((n_rows, n_cols))
+    confidence = np.ones((n_rows, n_cols))
+    preference[rows.numpy(), cols.numpy()] = 1.0
+    confidence[rows.numpy(), cols.numpy()] = 1 + alpha * values.numpy()
+    y = col_vectors.numpy()
+    k = y.shape[1]
+    solution = np.zeros((n_rows, k))
+    for u in range(n_rows):
+        cu = np.diag(confidence[u])
+        solution[u] = np.linalg.solve(y.T @ cu @ y + regularization * np.eye(k), y.T @ cu @ preference[u])
+    return solution
+
+
+@pytest.mark.parametrize("alpha", [1.0, 40.0])
+@pytest.mark.parametrize("rank", [2, 6])
+def test_implicit_exact_rows_match_hu_koren_volinsky(rank, alpha):
+    n_rows, n_cols = 8, 15
+    rows, cols, values = random_entries(n_rows, n_cols, 0.3, seed=rank)
+    col_vectors = torch.randn(n_cols, rank, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    solution = implicit.exact_update_rows(
+        rows, cols, values, n_rows, col_vectors, col_vectors.T @ col_vectors, alpha, 0.1
+    )
+    expected = dense_implicit_reference(rows, cols, values, n_rows, n_cols, col_vectors, alpha, 0.1)
+    np.testing.assert_allclose(solution.numpy(), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_implicit_cg_with_k_steps_equals_the_exact_solve():
+    rank, n_rows, n_cols = 5, 6, 20
+    rows, cols, values = random_entries(n_rows, n_cols, 0.4, seed=9)
+    col_vectors = torch.randn(n_cols, rank, dtype=torch.float64)
+    start = torch.randn(n_rows, rank, dtype=torch.float64)
+    gram = col_vectors.T @ col_vectors
+    exact = implicit.exact_update_rows(rows, cols, values, n_rows, col_vectors, gram, 3.0, 0.5)
+    cg = implicit.cg_update_rows(rows, cols, values, start, col_vectors, gram, 3.0, 0.5, steps=rank)
+    torch.testing.assert_close(cg, exact, rtol=1e-6, atol=1e-8)
+    # A few steps already move most of the way, as Takács et al. report.
+    three = implicit.cg_update_rows(rows, cols, values, start, col_vectors, gram, 3.0, 0.5, steps=3)
+    assert torch.linalg.norm(three - exact) < 0.5 * torch.linalg.norm(start - exact)
+
+
+def dense_implicit_loss(x, y, rows, cols, values, alpha, regularization):
+    preference = torch.zeros(x.shape[0], y.shape[0], dtype=x.dtype)
+    confidence = torch.ones_like(preference)
+    preference[rows, cols] = 1.0
+    confidence[rows, cols] = 1 + alpha * values.to(x.dtype)
+    return (confidence * (preference - x @ y.T) ** 2).sum() + regularization * ((x**2).sum() + (y**2).sum())
+
+
+def test_implicit_loss_and_gradient_match_autograd_on_the_dense_formula():
+    rows, cols, values = random_entries(7, 11, 0.35, seed=4)
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(11, 3, dtype=torch.float64)
+    dense = dense_implicit_loss(x, y, rows, cols, values, 2.0, 0.3)
+    dense.backward()
+    liked = implicit.liked_loss_terms(rows, cols, values, x.detach(), y, 2.0)
+    squared = (x.detach() ** 2).sum() + (y**2).sum()
+    blocked = implicit.total_loss(x.detach().T @ x.detach(), y.T @ y, liked, squared, 0.3)
+    torch.testing.assert_close(blocked, dense.detach())
+    gradient = implicit.row_gradient(rows, cols, values, x.detach(), y, y.T @ y, 2.0, 0.3)
+    torch.testing.assert_close(gradient, x.grad)
+
+
+def test_row_chunks_do_not_change_the_solution(monkeypatch):
+    rows, cols, values = random_entries(30, 12, 0.5, seed=8)
+    col_vectors = torch.randn(12, 4, dtype=torch.float64)
+    col_bias = torch.randn(12, dtype=torch.float64)
+    whole = explicit.als_update_rows(rows, cols, values, 30, col_vectors, col_bias, 3.0, 0.1)
+    monkeypatch.setattr(normal_equations, "DEFAULT_BUDGET_BYTES", 7 * 25 * 4)
+    assert len(list(normal_equations.row_chunks(30, 5))) == 5
+    chunked = explicit.als_update_rows(rows, cols, values, 30, col_vectors, col_bias, 3.0, 0.1)
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])

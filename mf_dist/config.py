@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mf_dist.cluster_settings import ClusterSettings
 from mf_dist.errors import ConfigError
 
 ModelName = Literal["cooccurrence", "explicit", "implicit", "nmf"]
@@ -138,11 +139,24 @@ class RunConfig(BaseModel):
         default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)),
         ge=1,
         le=1024,
-        description="Worker processes of the local Dask cluster.",
+        description="Dask workers: processes of the local cluster, SLURM jobs or Kubernetes pods.",
     )
     threads_per_worker: int = Field(1, ge=1, le=256)
     scheduler: str | None = Field(None, description="Address of an existing Dask scheduler to join instead.")
+    cluster: ClusterSettings = Field(
+        default_factory=ClusterSettings, description="Local, SLURM or Kubernetes (see cluster_settings)."
+    )
     device: DeviceName = "auto"
+
+    retries: int = Field(1, ge=0, le=100, description="Retries of a stage after a transient failure.")
+    retry_delay_seconds: float = Field(10.0, ge=0, le=86_400)
+    cache: bool = Field(True, description="Reuse finished stages with the same input, settings and code.")
+
+    @model_validator(mode="after")
+    def _one_source_of_workers(self) -> RunConfig:
+        if self.scheduler and self.cluster.kind != "local":
+            raise ValueError(f"scheduler and cluster.kind = {self.cluster.kind!r} both say where workers are")
+        return self
 
     @model_validator(mode="after")
     def _paths_differ(self) -> RunConfig:
@@ -232,7 +246,14 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
             raise ConfigError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    values.update({key: value for key, value in overrides.items() if value is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "cluster" and isinstance(value, str):
+            # ``--cluster slurm`` picks the kind and keeps the file's [cluster.slurm] settings.
+            values["cluster"] = {**values.get("cluster", {}), "kind": value}
+        else:
+            values[key] = value
     try:
         return RunConfig(**values)
     except ValidationError as exc:

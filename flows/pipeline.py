@@ -1,8 +1,17 @@
 """The mf-dist pipeline as a Prefect flow: ingest → co-occurrence → train → export.
 
-Each stage is a task that connects to the run's Dask cluster by address,
-calls one stage function of :mod:`mf_dist` and reports its wall time and peak
-memory. Run it with ``mf-dist run`` / ``mf-dist demo`` or call
+Each stage is a named task that connects to the run's Dask cluster by
+address, calls one stage function of :mod:`mf_dist` and reports its wall
+time and peak memory. Stages retry after a transient failure
+(``retries``/``retry_delay_seconds``; never after an error of mf-dist's own
+types, which a retry cannot fix) and are cached by a key of the input
+fingerprint, their settings and the code (:mod:`flows.stage_cache`), so a
+re-run after a late failure skips the stages that finished. Export always
+runs: every run publishes a new run id. The per-epoch loss becomes a table
+artifact and the loss curve a markdown artifact.
+
+Run it with ``mf-dist run`` / ``mf-dist demo``, from a deployment
+(``deploy/prefect.yaml``, ``mf-dist serve``), or call
 :func:`factorization_pipeline` with a :class:`~mf_dist.config.RunConfig`;
 no Prefect server needs to be started by hand.
 """
@@ -11,25 +20,50 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from distributed import Client
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.filesystems import LocalFileSystem
+from prefect.states import State
 from pydantic import BaseModel
 
+from flows.artifacts import publish_loss_artifacts
+from flows.stage_cache import STAGES_DIR, StageKeyPolicy, clear_stamp, stage_key, stamp_matches, write_stamp
 from mf_dist.cluster import open_client
 from mf_dist.config import RunConfig
 from mf_dist.cooccur import CooccurrenceResult, cooccurrence_blocks
+from mf_dist.errors import MfDistError
 from mf_dist.export import ExportResult, export_tables, new_run_id
 from mf_dist.factor_files import EpochRecord, TrainResult
 from mf_dist.ingest import IngestResult, ingest_ratings
+from mf_dist.input_files import input_fingerprint, list_input_files
 from mf_dist.memory_monitor import PeakMemoryMonitor
 from mf_dist.train import train_factors
 
 Result = TypeVar("Result")
 
 MEBIBYTE = 1024 * 1024
+STAGE_CACHE = StageKeyPolicy()
+
+# Settings that change where or how a run executes, never what a stage computes.
+# The number of workers is not among them (results are reproducible per seed
+# *and* worker count): the key uses the count the scheduler actually has.
+OPERATIONAL_SETTINGS = frozenset(
+    {
+        "output",
+        "workers",
+        "threads_per_worker",
+        "scheduler",
+        "cluster",
+        "retries",
+        "retry_delay_seconds",
+        "cache",
+    }
+)
 
 
 class StageReport(BaseModel):
@@ -77,39 +111,70 @@ def _run_stage(name: str, scheduler: str, body: Callable[[Client], Result]) -> t
     return result, report
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(scheduler: str, config: RunConfig) -> tuple[IngestResult, StageReport]:
-    return _run_stage(
+def _stamped(stage: str, work_dir: Path, key: str, run: Callable[[], Result]) -> Result:
+    clear_stamp(work_dir, stage)
+    result = run()
+    write_stamp(work_dir, stage, key)
+    return result
+
+
+def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry condition: anything but mf-dist's own errors (bad input or config), which recur."""
+    return not isinstance(state.result(raise_on_failure=False), MfDistError)
+
+
+def ingest_arguments(config: RunConfig) -> dict[str, Any]:
+    """The settings the ingest stage reads: its keyword arguments, and part of its stage key."""
+    return {
+        "user_col": config.user_col,
+        "item_col": config.item_col,
+        "rating_col": config.rating_col,
+        "timestamp_col": config.timestamp_col,
+        "like_threshold": config.like_threshold,
+        "duplicates": config.duplicates,
+        "block_size": config.block_size,
+    }
+
+
+@task(name="ingest", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient)
+def ingest_task(scheduler: str, config: RunConfig, stage_key: str) -> tuple[IngestResult, StageReport]:
+    """Input Parquet → indexed ratings in the work directory."""
+    work_dir = config.resolved_work_dir
+    return _stamped(
         "ingest",
-        scheduler,
-        lambda client: ingest_ratings(
-            client,
-            config.input,
-            config.resolved_work_dir,
-            user_col=config.user_col,
-            item_col=config.item_col,
-            rating_col=config.rating_col,
-            timestamp_col=config.timestamp_col,
-            like_threshold=config.like_threshold,
-            duplicates=config.duplicates,
-            block_size=config.block_size,
+        work_dir,
+        stage_key,
+        lambda: _run_stage(
+            "ingest",
+            scheduler,
+            lambda client: ingest_ratings(client, config.input, work_dir, **ingest_arguments(config)),
         ),
     )
 
 
-@task(name="cooccurrence", cache_policy=NO_CACHE)
+@task(name="cooccurrence", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient)
 def cooccurrence_task(
-    scheduler: str, config: RunConfig, ingest: IngestResult
+    scheduler: str, config: RunConfig, ingest: IngestResult, stage_key: str
 ) -> tuple[CooccurrenceResult, StageReport]:
-    return _run_stage(
+    """Indexed ratings → tiles of X = SᵀS in the work directory."""
+    work_dir = config.resolved_work_dir
+    return _stamped(
         "cooccurrence",
-        scheduler,
-        lambda client: cooccurrence_blocks(client, ingest, config.resolved_work_dir),
+        work_dir,
+        stage_key,
+        lambda: _run_stage(
+            "cooccurrence", scheduler, lambda client: cooccurrence_blocks(client, ingest, work_dir)
+        ),
     )
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train_task(scheduler: str, config: RunConfig) -> tuple[TrainResult, StageReport]:
+@task(name="train", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient)
+def train_task(scheduler: str, config: RunConfig, stage_key: str) -> tuple[TrainResult, StageReport]:
+    """Ingested data (and co-occurrence tiles) → factor blocks in the work directory."""
+    return _stamped("train", config.resolved_work_dir, stage_key, lambda: _train(scheduler, config))
+
+
+def _train(scheduler: str, config: RunConfig) -> tuple[TrainResult, StageReport]:
     logger = get_run_logger()
 
     def log_epoch(record: EpochRecord) -> None:
@@ -120,22 +185,12 @@ def train_task(scheduler: str, config: RunConfig) -> tuple[TrainResult, StageRep
         "train",
         scheduler,
         lambda client: train_factors(
-            client,
-            config.resolved_work_dir,
-            model=config.model,
-            rank=config.rank,
-            epochs=config.resolved_epochs,
-            learning_rate=config.resolved_learning_rate,
-            regularization=config.regularization,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            device=config.device,
-            on_epoch=log_epoch,
+            client, config.resolved_work_dir, config.train_settings, on_epoch=log_epoch
         ),
     )
 
 
-@task(name="export", cache_policy=NO_CACHE)
+@task(name="export", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
 def export_task(
     scheduler: str, config: RunConfig, ingest: IngestResult, trained: TrainResult, run_id: str
 ) -> tuple[ExportResult, StageReport]:
@@ -153,26 +208,71 @@ def export_task(
     )
 
 
+def training_key_settings(config: RunConfig) -> dict[str, Any]:
+    """The run settings that can change trained factors (all but the operational ones)."""
+    settings = config.model_dump(mode="json", exclude=set(OPERATIONAL_SETTINGS))
+    init_from = settings.get("init_from")
+    if init_from:
+        # A warm start reads whatever tables are current there now.
+        settings["init_from_runs"] = {
+            str(latest): latest.read_text().strip() for latest in sorted(Path(init_from).glob("*/LATEST"))
+        }
+    return settings
+
+
+def _stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
+    retry = {"retries": config.retries, "retry_delay_seconds": config.retry_delay_seconds}
+    if not config.cache:
+        return {**retry, "cache_policy": NO_CACHE}
+    return {
+        **retry,
+        # Results live beside the work directory they describe: a cache
+        # entry is never found on a host that cannot see those files.
+        "result_storage": LocalFileSystem(
+            basepath=str(config.resolved_work_dir.resolve() / STAGES_DIR / "results")
+        ),
+        "persist_result": True,
+        "refresh_cache": not stamp_matches(config.resolved_work_dir, stage, key),
+    }
+
+
 @flow(name="mf-dist-pipeline", validate_parameters=True)
 def factorization_pipeline(config: RunConfig) -> PipelineSummary:
     """Ratings Parquet in, published embedding tables out; see the module docstring."""
+    logger = get_run_logger()
     run_id = new_run_id()
-    get_run_logger().info(
-        "run %s: %s model, rank %d, input %s", run_id, config.model, config.rank, config.input
-    )
+    logger.info("run %s: %s model, rank %d, input %s", run_id, config.model, config.rank, config.input)
+    work_dir = config.resolved_work_dir
+    fingerprint = input_fingerprint(list_input_files(config.input))
     with open_client(
         workers=config.workers,
         threads_per_worker=config.threads_per_worker,
         scheduler=config.scheduler,
+        cluster=config.cluster,
     ) as client:
         scheduler = client.scheduler.address
-        ingest, ingest_report = ingest_task(scheduler, config)
+        n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        logger.info("Dask scheduler %s with %d workers", scheduler, n_workers)
+
+        key = stage_key("ingest", fingerprint, ingest_arguments(config), str(work_dir.resolve()))
+        ingest, ingest_report = ingest_task.with_options(**_stage_options(config, "ingest", key))(
+            scheduler, config, key
+        )
         reports = [ingest_report]
         if config.model == "cooccurrence":
-            _, cooccurrence_report = cooccurrence_task(scheduler, config, ingest)
+            key = stage_key("cooccurrence", key)
+            _, cooccurrence_report = cooccurrence_task.with_options(
+                **_stage_options(config, "cooccurrence", key)
+            )(scheduler, config, ingest, key)
             reports.append(cooccurrence_report)
-        trained, train_report = train_task(scheduler, config)
-        exported, export_report = export_task(scheduler, config, ingest, trained, run_id)
+        key = stage_key("train", key, training_key_settings(config), n_workers)
+        trained, train_report = train_task.with_options(**_stage_options(config, "train", key))(
+            scheduler, config, key
+        )
+        publish_loss_artifacts(trained.history, config.model, run_id, work_dir)
+        exported, export_report = export_task.with_options(
+            retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
+        )(scheduler, config, ingest, trained, run_id)
         reports += [train_report, export_report]
     return PipelineSummary(
         run_id=run_id,

@@ -172,6 +172,11 @@ class RunConfig(BaseModel):
         return self
 
     @property
+    def needs_cooccurrence(self) -> bool:
+        """Whether the model fits X = SᵀS (so the co-occurrence stage must run)."""
+        return self.model == "cooccurrence" or (self.model == "nmf" and self.target == "cooccurrence")
+
+    @property
     def resolved_solver(self) -> str:
         return MODEL_SOLVERS[self.model][0] if self.solver == "auto" else self.solver
 

@@ -8,6 +8,7 @@ biases, ``block-00003.bias.npy`` (float32, rows). Loaded with
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -64,9 +65,12 @@ class TrainResult(BaseModel):
     """What the train stage produced."""
 
     model: str
+    solver: str = ""
     rank: int
     epochs: int
+    stopped_early: bool = False
     learning_rate: float
+    settings: dict[str, Any] = {}
     history: list[EpochRecord]
     tables: list[FactorTable]
     global_mean: float | None = None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mf_dist.models import cooccurrence, explicit
-from mf_dist.solvers.gradient import RowBlock, adam_step, sparse_adam_pass
+from mf_dist.solvers.gradient import RowBlock, optimizer_step, sparse_adam_pass
 
 N_ITEMS = 12
 SPLITS = {2: [0, 5, N_ITEMS], 3: [0, 4, 9, N_ITEMS]}
@@ -215,7 +215,7 @@ def test_batch_objective_gradient_is_finite_and_correct():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("learning_rate", [0.01, 0.3])
 def test_adam_step_matches_torch_adam(dtype, learning_rate):
-    """adam_step carried through its returned state for 5 steps equals torch.optim.Adam."""
+    """optimizer_step carried through its returned state for 5 steps equals torch.optim.Adam."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(5, 4, generator=generator, dtype=torch.float64).to(dtype)
     b = torch.randn(5, 3, generator=generator, dtype=torch.float64).to(dtype)
@@ -227,7 +227,7 @@ def test_adam_step_matches_torch_adam(dtype, learning_rate):
 
     param, state = start.clone(), None
     for _ in range(5):
-        param, state = adam_step(param, gradient(param), state, learning_rate)
+        param, state = optimizer_step(param, gradient(param), state, learning_rate)
         assert param.dtype == dtype and not param.requires_grad
 
     reference = start.clone().requires_grad_(True)

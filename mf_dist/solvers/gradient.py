@@ -36,12 +36,31 @@ def _state_on_cpu(optimizer: torch.optim.Optimizer) -> OptimizerState:
     }
 
 
-def adam_step(
-    param: Tensor, grad: Tensor, state: OptimizerState | None, learning_rate: float
+def make_optimizer(
+    name: str, params: list[Tensor], learning_rate: float, sparse: bool
+) -> torch.optim.Optimizer:
+    """Adam (SparseAdam for sparse gradients, Kingma & Ba 2015) or Adagrad (Duchi et al. 2011)."""
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=learning_rate)
+    if name == "adam":
+        return (
+            torch.optim.SparseAdam(params, lr=learning_rate)
+            if sparse
+            else torch.optim.Adam(params, lr=learning_rate)
+        )
+    raise ValueError(f"unknown optimizer {name!r}; choose adam or adagrad")
+
+
+def optimizer_step(
+    param: Tensor,
+    grad: Tensor,
+    state: OptimizerState | None,
+    learning_rate: float,
+    optimizer_name: str = "adam",
 ) -> tuple[Tensor, OptimizerState]:
-    """One Adam step on a dense block: returns the new block and its optimiser state."""
+    """One optimiser step on a dense block: returns the new block and its optimiser state."""
     updated = param.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([updated], lr=learning_rate)
+    optimizer = make_optimizer(optimizer_name, [updated], learning_rate, sparse=False)
     _load_state(optimizer, state)
     updated.grad = grad.to(updated.dtype)
     optimizer.step()
@@ -76,11 +95,12 @@ def sparse_adam_pass(
     objective: BatchObjective,
     *,
     learning_rate: float,
+    optimizer_name: str = "adam",
     batch_size: int,
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[RowBlock, RowBlock, float, float]:
-    """One pass of mini-batch SparseAdam over the observed entries of one block.
+    """One pass of mini-batch SparseAdam (or sparse Adagrad) over the observed entries of one block.
 
     ``row_index``/``col_index`` (n, int64) index the rows of ``rows``/``cols``
     for each observed value (n, float32). ``objective(row_vecs, col_vecs,
@@ -95,8 +115,8 @@ def sparse_adam_pass(
     row_bias = rows.bias.to(device).unsqueeze(1).clone().requires_grad_(True)
     col_vectors = cols.vectors.to(device).clone().requires_grad_(True)
     col_bias = cols.bias.to(device).unsqueeze(1).clone().requires_grad_(True)
-    row_optimizer = torch.optim.SparseAdam([row_vectors, row_bias], lr=learning_rate)
-    col_optimizer = torch.optim.SparseAdam([col_vectors, col_bias], lr=learning_rate)
+    row_optimizer = make_optimizer(optimizer_name, [row_vectors, row_bias], learning_rate, sparse=True)
+    col_optimizer = make_optimizer(optimizer_name, [col_vectors, col_bias], learning_rate, sparse=True)
     _load_state(row_optimizer, rows.state)
     _load_state(col_optimizer, cols.state)
 

@@ -16,11 +16,8 @@ sees scalars only.
 from __future__ import annotations
 
 import logging
-import math
-import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,15 +25,14 @@ import torch
 from distributed import Client, Future
 
 from mf_dist.cluster import compute_device
+from mf_dist.config import TrainSettings
 from mf_dist.cooccur import CooccurrenceResult, TileInfo, load_tile
-from mf_dist.errors import TrainingError
-from mf_dist.factor_files import EpochRecord, FactorTable, TrainResult, block_seed, write_factor_block
+from mf_dist.factor_files import FactorTable, block_seed
 from mf_dist.models import cooccurrence as objective
-from mf_dist.solvers.gradient import OptimizerState, adam_step
+from mf_dist.solvers.gradient import OptimizerState, RowBlock, optimizer_step
+from mf_dist.trainers.epoch_loop import Measurement
 
 logger = logging.getLogger(__name__)
-
-EpochCallback = Callable[[EpochRecord], None]
 
 # Sparse CSR matmul in torch warns that it is beta on every first use.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -130,16 +126,17 @@ def update_block(
     gram_matrix: torch.Tensor,
     cross_product: torch.Tensor,
     learning_rate: float,
+    optimizer_name: str,
     device_preference: str,
 ) -> tuple[torch.Tensor, OptimizerState, tuple[float, float]]:
-    """Loss terms at the current V_b, then one Adam step on V_b."""
+    """Loss terms at the current V_b, then one optimiser step on V_b."""
     device = compute_device(device_preference)
     v = vectors.to(device)
     cross = cross_product.to(device)
     g = gram_matrix.to(device)
     fourth, cross_term = objective.block_loss_terms(v, cross)
     grad = objective.block_gradient(v, g, cross)
-    new_vectors, new_state = adam_step(v, grad, state, learning_rate)
+    new_vectors, new_state = optimizer_step(v, grad, state, learning_rate, optimizer_name)
     return new_vectors.cpu(), new_state, (float(fourth), float(cross_term))
 
 
@@ -148,36 +145,37 @@ def loss_terms(vectors: torch.Tensor, cross_product: torch.Tensor) -> tuple[floa
     return float(fourth), float(cross)
 
 
-def describe_device(device_preference: str) -> str:
-    return str(compute_device(device_preference))
+def as_row_block(vectors: torch.Tensor, state: OptimizerState | None) -> RowBlock:
+    return RowBlock(vectors=vectors, state=state or {})
 
 
-def save_block(table: FactorTable, block: int, vectors: torch.Tensor) -> None:
-    write_factor_block(table, block, vectors.numpy(), None)
+def block_vectors(block: RowBlock) -> torch.Tensor:
+    return block.vectors
 
 
-class CooccurrenceTrainer:
-    """Drives the epochs from the client; every tensor stays on the workers."""
+def block_state(block: RowBlock) -> OptimizerState:
+    return block.state
+
+
+class CooccurrenceGradient:
+    """Full-batch gradient steps on V; every tensor stays on the workers (module docstring)."""
 
     def __init__(
         self,
         client: Client,
         cooccurrence: CooccurrenceResult,
-        *,
-        rank: int,
-        learning_rate: float,
-        seed: int,
-        device: str,
+        settings: TrainSettings,
         resources: dict[str, float] | None,
+        initial: dict[str, list[Future]] | None = None,
     ) -> None:
         self.client = client
         self.cooccurrence = cooccurrence
+        self.settings = settings
         self.grid = cooccurrence.item_grid
-        self.rank = rank
-        self.device = device
+        self.device = settings.device
         self.resources = resources
         self.scale = objective.initial_scale(
-            cooccurrence.offdiagonal_sum_of_squares, cooccurrence.n_items, rank
+            cooccurrence.offdiagonal_sum_of_squares, cooccurrence.n_items, settings.rank
         )
         # Starting below the data's scale makes the loss fall from the first
         # step (at full scale it begins near twice ‖X₀‖²).
@@ -185,27 +183,41 @@ class CooccurrenceTrainer:
         # Adam's step is in units of the parameters, so the step is taken
         # relative to the start's scale: the same setting works whether X
         # counts in tens or in millions.
-        self.step_size = learning_rate * self.scale
+        self.step_size = settings.learning_rate * self.scale
+        self.norm = max(cooccurrence.offdiagonal_sum_of_squares, 1e-300)
         self.tiles = {
             (info.row_block, info.col_block): self._submit(
                 load_tile_tensors,
                 info,
                 (self.grid.size(info.row_block), self.grid.size(info.col_block)),
-                device,
+                self.device,
             )
             for info in cooccurrence.tiles
         }
-        self.vectors: list[Future] = [
-            self._submit(initial_block, stop - start, rank, start_scale, block_seed(seed, 0, block))
-            for block, start, stop in self.grid
-        ]
-        self.states: list[Future | None] = [None] * self.grid.n_blocks
+        self.updates_done = 0
+        if initial and "items" in initial:
+            self.vectors: list[Future] = [self._submit(block_vectors, b) for b in initial["items"]]
+            self.states: list[Future | None] = [self._submit(block_state, b) for b in initial["items"]]
+        else:
+            self.vectors = [
+                self._submit(
+                    initial_block,
+                    stop - start,
+                    settings.rank,
+                    start_scale,
+                    block_seed(settings.seed, 0, block),
+                )
+                for block, start, stop in self.grid
+            ]
+            self.states = [None] * self.grid.n_blocks
 
     def _submit(self, function: Callable, *args: object) -> Future:
         return self.client.submit(function, *args, resources=self.resources, pure=False)
 
     def _gram_and_cross(self) -> tuple[Future, list[Future]]:
-        gram = self.client.submit(sum_tensors, *[self._submit(block_gram, v) for v in self.vectors])
+        gram = self.client.submit(
+            sum_tensors, *[self._submit(block_gram, v) for v in self.vectors], pure=False
+        )
         parts: list[list[Future]] = [[] for _ in range(self.grid.n_blocks)]
         for (b, c), tile in self.tiles.items():
             products = self._submit(tile_products, tile, self.vectors[b], self.vectors[c])
@@ -213,7 +225,7 @@ class CooccurrenceTrainer:
             if b != c:
                 parts[c].append(self.client.submit(pick, products, 1))
         cross = [
-            self.client.submit(sum_tensors, *part) if part else self._submit(zeros_like_block, v)
+            self.client.submit(sum_tensors, *part, pure=False) if part else self._submit(zeros_like_block, v)
             for part, v in zip(parts, self.vectors, strict=True)
         ]
         return gram, cross
@@ -231,103 +243,41 @@ class CooccurrenceTrainer:
             )
         )
 
-    def epoch(self) -> float:
-        """One Adam step on every block; returns the loss at the start of the step."""
+    def _measure(self, epoch: int, loss: float) -> Measurement:
+        return Measurement(epoch, loss, {"relative_loss": loss / self.norm})
+
+    def run_epoch(self, epoch: int) -> list[Measurement]:
+        """One step on every block; the loss it measures is the one before the step (epoch − 1)."""
         gram, cross = self._gram_and_cross()
+        s = self.settings
         updates = [
-            self._submit(update_block, v, s, gram, x, self.step_size, self.device)
-            for v, s, x in zip(self.vectors, self.states, cross, strict=True)
+            self._submit(update_block, v, st, gram, x, self.step_size, s.optimizer, self.device)
+            for v, st, x in zip(self.vectors, self.states, cross, strict=True)
         ]
         self.vectors = [self.client.submit(pick, u, 0) for u in updates]
         self.states = [self.client.submit(pick, u, 1) for u in updates]
         terms = self.client.gather([self.client.submit(pick, u, 2) for u in updates])
-        return self._loss(gram, terms)
+        self.updates_done = epoch
+        return [self._measure(epoch - 1, self._loss(gram, terms))]
 
-    def current_loss(self) -> float:
+    def finish(self) -> list[Measurement]:
         gram, cross = self._gram_and_cross()
         terms = self.client.gather(
             [self._submit(loss_terms, v, x) for v, x in zip(self.vectors, cross, strict=True)]
         )
-        return self._loss(gram, terms)
+        return [self._measure(self.updates_done, self._loss(gram, terms))]
 
-    def device_name(self) -> str:
-        """The device the training tasks ran on, as a worker reports it."""
-        return self._submit(describe_device, self.device).result()
-
-    def save(self, directory: Path) -> FactorTable:
-        table = FactorTable(
+    def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
+        layout = FactorTable(
             name="items",
-            directory=str(directory / "items"),
+            directory="",
             n_rows=self.grid.n_rows,
             block_size=self.grid.block_size,
-            rank=self.rank,
+            rank=self.settings.rank,
             has_bias=False,
         )
-        self.client.gather([self.client.submit(save_block, table, b, v) for b, v in enumerate(self.vectors)])
-        return table
+        blocks = [self._submit(as_row_block, v, st) for v, st in zip(self.vectors, self.states, strict=True)]
+        return {"items": (layout, blocks)}
 
-
-def train_cooccurrence(
-    client: Client,
-    cooccurrence: CooccurrenceResult,
-    directory: Path,
-    *,
-    rank: int,
-    epochs: int,
-    learning_rate: float,
-    seed: int,
-    device: str = "auto",
-    resources: dict[str, float] | None = None,
-    on_epoch: EpochCallback | None = None,
-) -> TrainResult:
-    """Fit V (items × rank) to X = SᵀS; see the module docstring.
-
-    The loss recorded for epoch e is measured after e updates. Raises
-    :class:`TrainingError` when the loss becomes non-finite.
-    """
-    trainer = CooccurrenceTrainer(
-        client,
-        cooccurrence,
-        rank=rank,
-        learning_rate=learning_rate,
-        seed=seed,
-        device=device,
-        resources=resources,
-    )
-    scale = max(cooccurrence.offdiagonal_sum_of_squares, 1e-300)
-    history: list[EpochRecord] = []
-    started = time.perf_counter()
-
-    def record(epoch: int, loss: float, seconds: float) -> None:
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"the co-occurrence loss became non-finite at epoch {epoch}: "
-                f"lower --learning-rate (now {learning_rate})"
-            )
-        history.append(
-            EpochRecord(epoch=epoch, loss=loss, metrics={"relative_loss": loss / scale}, seconds=seconds)
-        )
-        if on_epoch:
-            on_epoch(history[-1])
-
-    # An update measures the loss before its step, so epoch e's loss arrives
-    # with update e + 1, and the loss after the last one is measured apart.
-    previous_seconds = 0.0
-    for epoch in range(1, epochs + 1):
-        loss_before = trainer.epoch()
-        if epoch == 1:
-            record(0, loss_before, 0.0)
-        else:
-            record(epoch - 1, loss_before, previous_seconds)
-        previous_seconds = time.perf_counter() - started
-    record(epochs, trainer.current_loss(), previous_seconds)
-    table = trainer.save(directory)
-    return TrainResult(
-        model="cooccurrence",
-        rank=rank,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        history=history,
-        tables=[table],
-        device=trainer.device_name(),
-    )
+    def divergence_advice(self) -> str:
+        return f"lower --learning-rate (now {self.settings.learning_rate})"

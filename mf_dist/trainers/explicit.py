@@ -16,9 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
@@ -26,15 +24,14 @@ from distributed import Client, Future
 
 from mf_dist.blocks import BlockGrid, dsgd_strata
 from mf_dist.cluster import compute_device
-from mf_dist.errors import TrainingError
-from mf_dist.factor_files import EpochRecord, FactorTable, TrainResult, block_seed, write_factor_block
+from mf_dist.config import TrainSettings
+from mf_dist.factor_files import FactorTable, block_seed
 from mf_dist.ingest import IngestResult
 from mf_dist.models import explicit as objective
 from mf_dist.solvers.gradient import RowBlock, sparse_adam_pass
+from mf_dist.trainers.epoch_loop import Measurement
 
 logger = logging.getLogger(__name__)
-
-EpochCallback = Callable[[EpochRecord], None]
 
 RatingsBlock = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -78,6 +75,7 @@ def train_ratings_block(
     global_mean: float,
     regularization: float,
     learning_rate: float,
+    optimizer_name: str,
     batch_size: int,
     seed: int,
     device_preference: str,
@@ -95,6 +93,7 @@ def train_ratings_block(
         values,
         batch_objective,
         learning_rate=learning_rate,
+        optimizer_name=optimizer_name,
         batch_size=batch_size,
         generator=torch.Generator().manual_seed(seed),
         device=compute_device(device_preference),
@@ -102,126 +101,99 @@ def train_ratings_block(
     return new_users, new_items, (total, squared_error)
 
 
-def save_row_block(table: FactorTable, block: int, rows: RowBlock) -> None:
-    write_factor_block(table, block, rows.vectors.numpy(), rows.bias.numpy())
+class ExplicitGradient:
+    """Explicit ratings by mini-batch sparse Adam/Adagrad in DSGD strata (module docstring)."""
 
+    def __init__(
+        self,
+        client: Client,
+        ingest: IngestResult,
+        settings: TrainSettings,
+        resources: dict[str, float] | None,
+        initial: dict[str, list[Future]] | None = None,
+    ) -> None:
+        self.client = client
+        self.ingest = ingest
+        self.settings = settings
+        self.resources = resources
+        user_grid, item_grid = ingest.user_grid, ingest.item_grid
+        per_user_block = [
+            self._submit(load_ratings_blocks, str(ingest.ratings_path(p)), start, item_grid)
+            for p, start, _ in user_grid
+        ]
+        self.ratings = {
+            (p, q): self._submit(pick, per_user_block[p], q)
+            for p in range(user_grid.n_blocks)
+            for q in range(item_grid.n_blocks)
+        }
+        counts = client.gather([client.submit(ratings_count, block) for block in self.ratings.values()])
+        self.sizes = dict(zip(self.ratings, counts, strict=True))
+        initial = initial or {}
+        self.users = initial.get("users") or [
+            self._submit(
+                initial_row_block, stop - start, settings.rank, block_seed(settings.seed, 0, 0, block)
+            )
+            for block, start, stop in user_grid
+        ]
+        self.items = initial.get("items") or [
+            self._submit(
+                initial_row_block, stop - start, settings.rank, block_seed(settings.seed, 0, 1, block)
+            )
+            for block, start, stop in item_grid
+        ]
+        self.strata = dsgd_strata(user_grid.n_blocks, item_grid.n_blocks)
 
-def describe_device(device_preference: str) -> str:
-    return str(compute_device(device_preference))
+    def _submit(self, function: Callable, *args: object, **kwargs: object) -> Future:
+        return self.client.submit(function, *args, resources=self.resources, pure=False, **kwargs)
 
-
-def train_explicit(
-    client: Client,
-    ingest: IngestResult,
-    directory: Path,
-    *,
-    rank: int,
-    epochs: int,
-    learning_rate: float,
-    regularization: float,
-    batch_size: int,
-    seed: int,
-    device: str = "auto",
-    resources: dict[str, float] | None = None,
-    on_epoch: EpochCallback | None = None,
-) -> TrainResult:
-    """Fit r̂ = μ + b_u + b_i + uᵀv on the ingested ratings; see the module docstring.
-
-    Epoch e's loss is the objective per rating (squared error plus the L2
-    penalty), summed over each batch just before its step; ``train_rmse`` is
-    measured the same way. Raises :class:`TrainingError` when it is not finite.
-    """
-    user_grid, item_grid = ingest.user_grid, ingest.item_grid
-
-    def submit(function: Callable, *args: object, **kwargs: object) -> Future:
-        return client.submit(function, *args, resources=resources, pure=False, **kwargs)
-
-    per_user_block = [
-        submit(load_ratings_blocks, str(ingest.ratings_path(p)), start, item_grid)
-        for p, start, _ in user_grid
-    ]
-    ratings = {
-        (p, q): submit(pick, per_user_block[p], q)
-        for p in range(user_grid.n_blocks)
-        for q in range(item_grid.n_blocks)
-    }
-    counts = client.gather([client.submit(ratings_count, block) for block in ratings.values()])
-    sizes = dict(zip(ratings, counts, strict=True))
-    del per_user_block
-    users = [
-        submit(initial_row_block, stop - start, rank, block_seed(seed, 0, 0, block))
-        for block, start, stop in user_grid
-    ]
-    items = [
-        submit(initial_row_block, stop - start, rank, block_seed(seed, 0, 1, block))
-        for block, start, stop in item_grid
-    ]
-
-    history: list[EpochRecord] = []
-    started = time.perf_counter()
-    strata = dsgd_strata(user_grid.n_blocks, item_grid.n_blocks)
-    for epoch in range(1, epochs + 1):
+    def run_epoch(self, epoch: int) -> list[Measurement]:
+        """One pass over every block in DSGD strata; the loss is summed over batches before their steps."""
+        s = self.settings
         sums: list[Future] = []
-        for stratum in strata:
+        for stratum in self.strata:
             for p, q in stratum:
-                if sizes[p, q] == 0:
+                if self.sizes[p, q] == 0:
                     continue
-                result = submit(
+                result = self._submit(
                     train_ratings_block,
-                    ratings[p, q],
-                    users[p],
-                    items[q],
-                    global_mean=ingest.global_mean,
-                    regularization=regularization,
-                    learning_rate=learning_rate,
-                    batch_size=batch_size,
-                    seed=block_seed(seed, epoch, p, q),
-                    device_preference=device,
+                    self.ratings[p, q],
+                    self.users[p],
+                    self.items[q],
+                    global_mean=self.ingest.global_mean,
+                    regularization=s.regularization,
+                    learning_rate=s.learning_rate,
+                    optimizer_name=s.optimizer,
+                    batch_size=s.batch_size,
+                    seed=block_seed(s.seed, epoch, p, q),
+                    device_preference=s.device,
                 )
-                users[p] = client.submit(pick, result, 0)
-                items[q] = client.submit(pick, result, 1)
-                sums.append(client.submit(pick, result, 2))
-        totals = client.gather(sums)
-        loss = sum(t[0] for t in totals) / ingest.n_ratings
-        rmse = math.sqrt(sum(t[1] for t in totals) / ingest.n_ratings)
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"the explicit-ratings loss became non-finite at epoch {epoch}: "
-                f"lower --learning-rate (now {learning_rate})"
-            )
-        history.append(
-            EpochRecord(
-                epoch=epoch,
-                loss=loss,
-                metrics={"train_rmse": rmse},
-                seconds=time.perf_counter() - started,
-            )
-        )
-        logger.info("explicit epoch %d: loss %.5f, train RMSE %.4f", epoch, loss, rmse)
-        if on_epoch:
-            on_epoch(history[-1])
+                self.users[p] = self.client.submit(pick, result, 0)
+                self.items[q] = self.client.submit(pick, result, 1)
+                sums.append(self.client.submit(pick, result, 2))
+        totals = self.client.gather(sums)
+        n = max(1, self.ingest.n_ratings)
+        loss = sum(t[0] for t in totals) / n
+        rmse = math.sqrt(sum(t[1] for t in totals) / n)
+        return [Measurement(epoch, loss, {"train_rmse": rmse})]
 
-    tables = []
-    saves = []
-    for name, grid, blocks in (("users", user_grid, users), ("items", item_grid, items)):
-        table = FactorTable(
+    def finish(self) -> list[Measurement]:
+        return []
+
+    def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
+        return {
+            "users": (self._layout("users", self.ingest.n_users), self.users),
+            "items": (self._layout("items", self.ingest.n_items), self.items),
+        }
+
+    def _layout(self, name: str, n_rows: int) -> FactorTable:
+        return FactorTable(
             name=name,
-            directory=str(directory / name),
-            n_rows=grid.n_rows,
-            block_size=grid.block_size,
-            rank=rank,
+            directory="",
+            n_rows=n_rows,
+            block_size=self.ingest.block_size,
+            rank=self.settings.rank,
             has_bias=True,
         )
-        tables.append(table)
-        saves += [client.submit(save_row_block, table, b, rows) for b, rows in enumerate(blocks)]
-    client.gather(saves)
-    return TrainResult(
-        model="explicit",
-        rank=rank,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        history=history,
-        tables=tables,
-        global_mean=ingest.global_mean,
-        device=submit(describe_device, device).result(),
-    )
+
+    def divergence_advice(self) -> str:
+        return f"lower --learning-rate (now {self.settings.learning_rate})"

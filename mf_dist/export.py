@@ -4,6 +4,7 @@ For each table (``items``, and ``users`` for the explicit model)::
 
     <output>/<table>/runs/<run_id>/part-00000.parquet ...
     <output>/<table>/runs/<run_id>/_manifest.json
+    <output>/<table>/runs/<run_id>/_loss_curve.png
     <output>/<table>/LATEST            one line: the current run id
 
 A run is written under ``runs/.<run_id>.partial/``, renamed to
@@ -36,11 +37,16 @@ from pydantic import BaseModel
 from mf_dist.errors import OutputError
 from mf_dist.factor_files import FactorTable, TrainResult
 from mf_dist.ingest import IngestResult
+from mf_dist.loss_plot import write_loss_curve_png
 from mf_dist.schema import FORMAT_VERSION, embedding_table_schema
 
 # Parts and row groups of about this size: large enough that readers do few
 # requests, small enough that one row group fits in a reader's memory.
 TARGET_PART_BYTES = 128 * 1024 * 1024
+
+# The leading underscore keeps directory readers (pyarrow, pandas, Spark) from
+# taking the picture for a Parquet file, as they already skip _manifest.json.
+LOSS_CURVE_FILE = "_loss_curve.png"
 
 PREDICTION_RULE = "rating = global_mean + users.bias + items.bias + dot(users.embedding, items.embedding)"
 
@@ -115,6 +121,12 @@ def part_plan(table: FactorTable) -> list[list[int]]:
     return [blocks[i : i + blocks_per_part] for i in range(0, len(blocks), blocks_per_part)]
 
 
+def move_into_place(partial: Path, final: Path) -> None:
+    """Rename a completely written run directory to its final name, durably."""
+    os.rename(partial, final)
+    _fsync_path(final.parent)
+
+
 def publish_run(table_dir: Path, run_id: str) -> None:
     """Point ``LATEST`` at ``run_id`` with one atomic rename (after an fsync)."""
     temporary = table_dir / f".LATEST.{run_id}.tmp"
@@ -152,9 +164,7 @@ def export_tables(
             shutil.rmtree(partial, ignore_errors=True)
         raise OutputError(f"cannot write the output tables under {output}: {exc}") from exc
     for table_dir, partial, _ in written:
-        final = table_dir / "runs" / run_id
-        os.rename(partial, final)
-        _fsync_path(final.parent)
+        move_into_place(partial, table_dir / "runs" / run_id)
     for table_dir, _, _ in written:
         publish_run(table_dir, run_id)
     return ExportResult(run_id=run_id, tables=[published for _, _, published in written])
@@ -203,6 +213,7 @@ def _write_table(
         "files": [{"name": name, "rows": int(count)} for name, count in zip(names, rows, strict=True)],
         "metrics": {"final_loss": train.final_loss, **train.history[-1].metrics},
         "loss_history": [record.model_dump() for record in train.history],
+        "loss_curve": LOSS_CURVE_FILE,
         "input_fingerprint": ingest.fingerprint,
         "input_rows": ingest.n_ratings,
         "device": train.device,
@@ -213,6 +224,12 @@ def _write_table(
         manifest["global_mean"] = train.global_mean
         manifest["prediction_rule"] = PREDICTION_RULE
     manifest.update(extra_manifest or {})
+    loss_curve = write_loss_curve_png(
+        train.history,
+        partial / LOSS_CURVE_FILE,
+        f"{train.model}, rank {train.rank}: {table.name}, run {run_id}",
+    )
+    _fsync_path(loss_curve)
     manifest_path = partial / "_manifest.json"
     with open(manifest_path, "w") as handle:
         json.dump(manifest, handle, indent=2, default=str)

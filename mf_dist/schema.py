@@ -17,6 +17,16 @@ Published table (``<output>/<table>/runs/<run_id>/part-*.parquet``)::
     <id column>   int64 or string, the original id
     embedding     fixed_size_list<float32>[rank]
     bias          float32 (explicit model only)
+
+Neighbours table (``<output>/neighbors/runs/<run_id>/part-*.parquet``), k rows
+per item, sorted by item then rank::
+
+    item_id       the items table's id type
+    neighbor_id   the items table's id type, never equal to item_id
+    score         float32, cosine or dot product of the two embeddings
+    rank          int32, 1 = most similar
+
+The full contract, with the manifest fields, is docs/tables.md.
 """
 
 from __future__ import annotations
@@ -48,6 +58,18 @@ TILE_SCHEMA = pa.schema(
 
 def ratings_block_name(block: int) -> str:
     return f"block-{block:05d}.parquet"
+
+
+def neighbors_table_schema(id_type: pa.DataType) -> pa.Schema:
+    """Schema of the published ``neighbors`` table; ids have the items table's type."""
+    return pa.schema(
+        [
+            pa.field("item_id", id_type, nullable=False),
+            pa.field("neighbor_id", id_type, nullable=False),
+            pa.field("score", pa.float32(), nullable=False),
+            pa.field("rank", pa.int32(), nullable=False),
+        ]
+    )
 
 
 def embedding_table_schema(id_column: str, id_type: pa.DataType, rank: int, with_bias: bool) -> pa.Schema:

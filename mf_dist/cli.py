@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mf_dist.commands import inspect as inspect_commands
+from mf_dist.commands import neighbors as neighbors_command
 from mf_dist.config import DeviceName, DuplicatePolicy, ModelName, RunConfig, load_config
 from mf_dist.errors import MfDistError
 from mf_dist.input_files import check_schemas, list_input_files
@@ -157,6 +159,11 @@ def generate(
         f"wrote {len(frame):,} ratings ({frame.user_id.nunique():,} users, "
         f"{frame.item_id.nunique():,} items) to {output}"
     )
+
+
+app.command(name="neighbors")(neighbors_command.neighbors)
+app.command(name="inspect")(inspect_commands.inspect_run)
+app.command(name="similar")(inspect_commands.similar)
 
 
 def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:

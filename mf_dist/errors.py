@@ -59,6 +59,10 @@ class OutputError(MfDistError):
     """The output location cannot be written or published."""
 
 
+class NotFoundError(MfDistError):
+    """An id or table that was asked for is not in the published output."""
+
+
 def _rebuild_input_error(
     message: str, file: str | None, column: str | None, row: int | None, value: object
 ) -> InputError:

@@ -1,0 +1,1 @@
+"""``mf-dist`` subcommands for the people who use the published tables (registered in mf_dist.cli)."""

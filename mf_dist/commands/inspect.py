@@ -1,0 +1,185 @@
+"""``mf-dist inspect PATH`` and ``mf-dist similar PATH ITEM_ID``: published runs, readably."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import typer
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from mf_dist.errors import NotFoundError, OutputError
+from mf_dist.reader import LATEST_FILE, MANIFEST_FILE, read_manifest, resolve_run_dir
+from mf_dist.terminal_chart import text_chart
+
+console = Console()
+
+# Tables in the order a person reads them; others follow by name.
+TABLE_ORDER = {"items": 0, "users": 1, "neighbors": 2}
+
+
+def runs_to_inspect(path: Path) -> list[Path]:
+    """The run directories ``path`` designates: one run, one table's current run, or every table's."""
+    if (path / MANIFEST_FILE).is_file() or (path / LATEST_FILE).is_file():
+        return [resolve_run_dir(path)]
+    tables = sorted(
+        (child for child in path.iterdir() if (child / LATEST_FILE).is_file()) if path.is_dir() else [],
+        key=lambda child: (TABLE_ORDER.get(child.name, len(TABLE_ORDER)), child.name),
+    )
+    if not tables:
+        return [resolve_run_dir(path)]  # raises the error that says what was expected
+    return [resolve_run_dir(table) for table in tables]
+
+
+def _size(run_dir: Path, files: list[dict[str, Any]]) -> str:
+    total = sum(
+        (run_dir / entry["name"]).stat().st_size for entry in files if (run_dir / entry["name"]).exists()
+    )
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if total < 1024 or unit == "GiB":
+            return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"
+        total /= 1024
+    raise AssertionError("unreachable")
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+
+
+def describe_run(run_dir: Path, *, current: bool) -> Panel:
+    """A panel summarising one run's manifest: what, how big, how well, and its loss curve."""
+    manifest = read_manifest(run_dir)
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    files = manifest.get("files", [])
+    facts.add_row("path", str(run_dir))
+    facts.add_row("created", str(manifest.get("created_at", "?")))
+    facts.add_row("format", f"version {manifest['format_version']}")
+    facts.add_row(
+        "rows", f"{manifest.get('row_count', 0):,} in {len(files)} file(s), {_size(run_dir, files)}"
+    )
+    if manifest.get("table") == "neighbors":
+        source = manifest.get("source", {})
+        facts.add_row("neighbours", f"top {manifest.get('k')} by {manifest.get('metric')} per item")
+        facts.add_row(
+            "from",
+            f"items run {source.get('run_id')} ({source.get('model')}, rank {source.get('rank')})",
+        )
+        facts.add_row("device", str(manifest.get("device", "?")))
+        body: Any = facts
+    else:
+        config = manifest.get("config", {})
+        model = f"{manifest.get('model')}, rank {manifest.get('rank')}"
+        if manifest.get("solver") or config.get("solver"):
+            model += f", solver {manifest.get('solver') or config.get('solver')}"
+        facts.add_row("model", model)
+        facts.add_row("ids", f"{manifest.get('id_column')} ({manifest.get('id_type')})")
+        history = manifest.get("loss_history", [])
+        if history:
+            seconds = sum(record.get("seconds", 0.0) for record in history)
+            facts.add_row(
+                "training",
+                f"{len(history)} epochs ({history[0]['epoch']}..{history[-1]['epoch']}), {seconds:.1f} s",
+            )
+        metrics = dict(manifest.get("metrics", {}))
+        final_loss = metrics.pop("final_loss", None)
+        if final_loss is not None:
+            facts.add_row("final loss", f"{final_loss:.6g}" + (f"  ({_metrics(metrics)})" if metrics else ""))
+        if "global_mean" in manifest:
+            facts.add_row("global mean", f"{manifest['global_mean']:.6g}")
+        if "prediction_rule" in manifest:
+            facts.add_row("prediction", str(manifest["prediction_rule"]))
+        if "input_rows" in manifest:
+            fingerprint = str(manifest.get("input_fingerprint"))[:12]
+            facts.add_row("input", f"{manifest['input_rows']:,} ratings, fingerprint {fingerprint}")
+        facts.add_row("device", str(manifest.get("device", "?")))
+        if manifest.get("loss_curve"):
+            facts.add_row("loss curve", str(run_dir / manifest["loss_curve"]))
+        chart = text_chart([r["epoch"] for r in history], [r["loss"] for r in history])
+        body = Group(facts, Text(""), Text("\n".join(chart))) if chart else facts
+    title = f"{manifest.get('table', '?')} · run {manifest.get('run_id', run_dir.name)}"
+    return Panel(body, title=title + (" (current)" if current else ""), title_align="left", expand=False)
+
+
+def inspect_run(
+    path: Annotated[Path, typer.Argument(help="Output directory, table directory (e.g. out/items) or run.")],
+) -> None:
+    """Summarise published runs: model, rank, rows, metrics and the loss curve."""
+    for run_dir in runs_to_inspect(path):
+        latest = run_dir.parent.parent / LATEST_FILE
+        current = latest.is_file() and latest.read_text().strip() == run_dir.name
+        console.print(describe_run(run_dir, current=current))
+
+
+def neighbors_run_dir(path: Path) -> Path:
+    """The neighbours run for ``path``: an output directory, the neighbors table or a run of it.
+
+    A path to the ``items`` table (or one of its runs) finds the neighbors
+    table beside it.
+    """
+    if (path / "neighbors" / LATEST_FILE).is_file():
+        return resolve_run_dir(path / "neighbors")
+    run_dir = resolve_run_dir(path)
+    if read_manifest(run_dir).get("table") == "neighbors":
+        return run_dir
+    output = run_dir.parents[2] if len(run_dir.parents) >= 3 else path
+    if (output / "neighbors" / LATEST_FILE).is_file():
+        return resolve_run_dir(output / "neighbors")
+    raise NotFoundError(f"no neighbors table for {path}; compute it with: mf-dist neighbors {output}")
+
+
+def parse_item_id(text: str, id_type: pa.DataType) -> object:
+    if pa.types.is_integer(id_type):
+        try:
+            return int(text)
+        except ValueError:
+            raise NotFoundError(
+                f"item ids of this table are integers ({id_type}); {text!r} is not one"
+            ) from None
+    return text
+
+
+def similar(
+    path: Annotated[
+        Path, typer.Argument(help="Output directory, or the neighbors table or one of its runs.")
+    ],
+    item_id: Annotated[str, typer.Argument(help="The item's original id.")],
+    top: Annotated[int, typer.Option(help="Show at most this many neighbours.")] = 20,
+) -> None:
+    """Print an item's most similar items from the neighbors table."""
+    run_dir = neighbors_run_dir(path)
+    manifest = read_manifest(run_dir)
+    id_type = pa.type_for_alias(manifest["id_type"])
+    wanted = parse_item_id(item_id, id_type)
+    try:
+        rows = pa.concat_tables(
+            pq.read_table(run_dir / entry["name"], filters=[("item_id", "==", wanted)])
+            for entry in manifest["files"]
+        ).sort_by("rank")
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise OutputError(f"{run_dir}: cannot read the neighbors table: {exc}") from exc
+    if rows.num_rows == 0:
+        raise NotFoundError(f"item {item_id!r} is not in {run_dir} ({manifest['row_count']:,} rows)")
+    console.print(
+        f"items most similar to [bold]{item_id}[/] by {manifest['metric']} "
+        f"(neighbors run {manifest['run_id']})",
+        highlight=False,
+    )
+    table = Table()
+    table.add_column("rank", justify="right")
+    table.add_column("item_id")
+    table.add_column("score", justify="right")
+    for rank, neighbor, score in zip(
+        rows["rank"].to_pylist()[:top],
+        rows["neighbor_id"].to_pylist()[:top],
+        rows["score"].to_pylist()[:top],
+        strict=True,
+    ):
+        table.add_row(str(rank), str(neighbor), f"{score:.4f}")
+    console.print(table)

@@ -1,0 +1,66 @@
+"""``mf-dist neighbors PATH``: compute and publish the neighbors table of an items table."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+from rich.console import Console
+
+from mf_dist.progress import count_progress
+
+console = Console()
+
+MetricName = Literal["cosine", "dot"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+
+def neighbors(
+    path: Annotated[
+        Path, typer.Argument(help="Output directory, items table (e.g. out/items) or one of its runs.")
+    ],
+    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours per item.")] = 10,
+    metric: Annotated[MetricName, typer.Option(help="Similarity: cosine or dot product.")] = "cosine",
+    output: Annotated[
+        Optional[Path], typer.Option(help="Where neighbors/ goes (default: beside the items table).")
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Items per block (scores per task: block²).")] = 4096,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")
+    ] = None,
+    scheduler: Annotated[
+        Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")
+    ] = None,
+    device: Annotated[DeviceChoice, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """For every item, its k most similar items (by cosine or dot product), as a published table."""
+    # Imported here: torch and Dask take seconds to import, and `mf-dist --help` should not wait.
+    from mf_dist.cluster import open_client
+    from mf_dist.neighbors import item_neighbors
+
+    started = time.perf_counter()
+    with (
+        open_client(workers=workers or max(1, min(os.cpu_count() or 1, 8)), scheduler=scheduler) as client,
+        count_progress(console, "neighbours", "blocks", quiet=quiet) as on_block,
+    ):
+        result = item_neighbors(
+            client,
+            path,
+            k,
+            metric,
+            output=output,
+            block_size=block_size,
+            device=device,
+            on_block=on_block,
+        )
+    items = result.rows // result.k
+    console.print(
+        f"neighbors: {items:,} items × {result.k} ({result.metric}, {result.device}) → {result.path} "
+        f"in {time.perf_counter() - started:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )

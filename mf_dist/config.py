@@ -152,6 +152,11 @@ class RunConfig(BaseModel):
     retry_delay_seconds: float = Field(10.0, ge=0, le=86_400)
     cache: bool = Field(True, description="Reuse finished stages with the same input, settings and code.")
 
+    neighbors: int = Field(
+        0, ge=0, le=10_000, description="After export, publish each item's top-N similar items (0: skip)."
+    )
+    neighbors_metric: Literal["cosine", "dot"] = Field("cosine", description="Similarity of the neighbors.")
+
     @model_validator(mode="after")
     def _one_source_of_workers(self) -> RunConfig:
         if self.scheduler and self.cluster.kind != "local":

@@ -42,6 +42,7 @@ from mf_dist.factor_files import EpochRecord, TrainResult
 from mf_dist.ingest import IngestResult, ingest_ratings
 from mf_dist.input_files import input_fingerprint, list_input_files
 from mf_dist.memory_monitor import PeakMemoryMonitor
+from mf_dist.neighbors import NeighborsResult, item_neighbors
 from mf_dist.train import train_factors
 
 Result = TypeVar("Result")
@@ -62,6 +63,9 @@ OPERATIONAL_SETTINGS = frozenset(
         "retries",
         "retry_delay_seconds",
         "cache",
+        # The neighbours stage runs after export and is never cached itself.
+        "neighbors",
+        "neighbors_metric",
     }
 )
 
@@ -92,6 +96,7 @@ class PipelineSummary(BaseModel):
     final_metrics: dict[str, float]
     loss_history: list[EpochRecord]
     export: ExportResult
+    neighbors: NeighborsResult | None = None
     stages: list[StageReport]
 
 
@@ -208,6 +213,25 @@ def export_task(
     )
 
 
+@task(name="neighbors", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def neighbors_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[NeighborsResult, StageReport]:
+    items = Path(config.output) / "items"
+    return _run_stage(
+        "neighbors",
+        scheduler,
+        lambda client: item_neighbors(
+            client,
+            items / "runs" / run_id,
+            config.neighbors,
+            config.neighbors_metric,
+            output=config.output,
+            block_size=config.block_size,
+            run_id=run_id,
+            device=config.device,
+        ),
+    )
+
+
 def training_key_settings(config: RunConfig) -> dict[str, Any]:
     """The run settings that can change trained factors (all but the operational ones)."""
     settings = config.model_dump(mode="json", exclude=set(OPERATIONAL_SETTINGS))
@@ -274,6 +298,12 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
             retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
         )(scheduler, config, ingest, trained, run_id)
         reports += [train_report, export_report]
+        neighbors = None
+        if config.neighbors:
+            neighbors, neighbors_report = neighbors_task.with_options(
+                retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
+            )(scheduler, config, run_id)
+            reports.append(neighbors_report)
     return PipelineSummary(
         run_id=run_id,
         model=config.model,
@@ -289,5 +319,6 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         final_metrics=trained.history[-1].metrics,
         loss_history=trained.history,
         export=exported,
+        neighbors=neighbors,
         stages=reports,
     )

@@ -95,6 +95,9 @@ def run(
         Optional[str], typer.Option(help="Intermediate data (default <output>/_work).")
     ] = None,
     device: Annotated[Optional[DeviceName], typer.Option(help="auto, cpu or cuda.")] = None,
+    neighbors: Annotated[
+        Optional[int], typer.Option(help="Also publish each item's top-N similar items.")
+    ] = None,
 ) -> None:
     """Run the pipeline on your own Parquet ratings."""
     overrides = {name: value for name, value in locals().items() if name != "config"}
@@ -115,6 +118,7 @@ def demo(
     epochs: EpochsOption = None,
     workers: WorkersOption = None,
     seed: Annotated[int, typer.Option(help="Random seed (data and training).")] = 0,
+    neighbors: Annotated[int, typer.Option(help="Top-N similar items per item (0: skip).")] = 10,
 ) -> None:
     """Generate a realistic ratings set and run the whole pipeline on it."""
     from mf_dist.synthetic import synthetic_ratings, write_partitions
@@ -135,6 +139,7 @@ def demo(
         epochs=epochs,
         workers=workers,
         seed=seed,
+        neighbors=neighbors,
     )
     started = time.perf_counter()
     summary = _run(settings)
@@ -184,6 +189,16 @@ def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
     )
     for table in summary.export.tables:
         overview.add_row(f"table {table.name}", f"{table.rows:,} rows → {table.path}")
+    if summary.neighbors is not None:
+        neighbors = summary.neighbors
+        overview.add_row(
+            "table neighbors",
+            f"top {neighbors.k} by {neighbors.metric}, {neighbors.rows:,} rows → {neighbors.path}",
+        )
+    if summary.export.tables:
+        from mf_dist.export import LOSS_CURVE_FILE
+
+        overview.add_row("loss curve", str(Path(summary.export.tables[0].path) / LOSS_CURVE_FILE))
     console.print(overview)
 
     stages = Table(title="stages")

@@ -27,7 +27,6 @@ from distributed import Client
 from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.filesystems import LocalFileSystem
 from prefect.states import State
 from pydantic import BaseModel
 
@@ -244,7 +243,8 @@ def training_key_settings(config: RunConfig) -> dict[str, Any]:
     return settings
 
 
-def _stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
+def stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
+    """Task options of a cached stage: the run's retries, and a cache hit only if its stamp matches."""
     retry = {"retries": config.retries, "retry_delay_seconds": config.retry_delay_seconds}
     if not config.cache:
         return {**retry, "cache_policy": NO_CACHE}
@@ -252,9 +252,7 @@ def _stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
         **retry,
         # Results live beside the work directory they describe: a cache
         # entry is never found on a host that cannot see those files.
-        "result_storage": LocalFileSystem(
-            basepath=str(config.resolved_work_dir.resolve() / STAGES_DIR / "results")
-        ),
+        "result_storage": config.resolved_work_dir.resolve() / STAGES_DIR / "results",
         "persist_result": True,
         "refresh_cache": not stamp_matches(config.resolved_work_dir, stage, key),
     }
@@ -279,18 +277,18 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         logger.info("Dask scheduler %s with %d workers", scheduler, n_workers)
 
         key = stage_key("ingest", fingerprint, ingest_arguments(config), str(work_dir.resolve()))
-        ingest, ingest_report = ingest_task.with_options(**_stage_options(config, "ingest", key))(
+        ingest, ingest_report = ingest_task.with_options(**stage_options(config, "ingest", key))(
             scheduler, config, key
         )
         reports = [ingest_report]
         if config.model == "cooccurrence":
             key = stage_key("cooccurrence", key)
             _, cooccurrence_report = cooccurrence_task.with_options(
-                **_stage_options(config, "cooccurrence", key)
+                **stage_options(config, "cooccurrence", key)
             )(scheduler, config, ingest, key)
             reports.append(cooccurrence_report)
         key = stage_key("train", key, training_key_settings(config), n_workers)
-        trained, train_report = train_task.with_options(**_stage_options(config, "train", key))(
+        trained, train_report = train_task.with_options(**stage_options(config, "train", key))(
             scheduler, config, key
         )
         publish_loss_artifacts(trained.history, config.model, run_id, work_dir)

@@ -11,9 +11,14 @@ import os
 from collections.abc import Iterator
 
 import torch
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, SpecCluster
+from distributed.scheduler import Scheduler
 
+from mf_dist.cluster_settings import ClusterSettings
 from mf_dist.errors import ConfigError
+
+# The scheduler of a cluster started here listens on loopback only, without a dashboard.
+LOOPBACK_SCHEDULER = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}}
 
 
 def visible_gpu_count() -> int:
@@ -27,13 +32,18 @@ def open_client(
     workers: int,
     threads_per_worker: int = 1,
     scheduler: str | None = None,
+    cluster: ClusterSettings | None = None,
 ) -> Iterator[Client]:
-    """Yield a client of an existing scheduler or of a new local cluster.
+    """Yield a client of an existing scheduler, a SLURM or Kubernetes cluster, or a new local cluster.
 
-    The local cluster runs ``workers`` worker processes bound to loopback, each
-    with ``threads_per_worker`` threads and an equal share of the memory. When
-    this machine has GPUs, there is one worker per GPU, pinned to it through
-    ``CUDA_VISIBLE_DEVICES`` and advertising the ``GPU`` resource.
+    ``scheduler`` (an address) wins: the workers are whatever that scheduler
+    has. Otherwise ``cluster.kind`` decides (see :mod:`mf_dist.batch_clusters`
+    for ``slurm`` and ``kubernetes``), with ``workers`` workers of
+    ``threads_per_worker`` threads each. The local cluster runs worker
+    processes bound to loopback with an equal share of the memory; when this
+    machine has GPUs, there is one worker per GPU instead, pinned to it
+    through ``CUDA_VISIBLE_DEVICES`` and advertising the ``GPU`` resource.
+    Clusters started here are shut down when the block exits.
     """
     if scheduler:
         try:
@@ -44,9 +54,29 @@ def open_client(
             yield client
         return
 
-    gpus = visible_gpu_count()
+    kind = cluster.kind if cluster else "local"
+    if kind == "slurm":
+        from mf_dist.batch_clusters import open_slurm_client
+
+        with open_slurm_client(cluster.slurm, workers, threads_per_worker) as client:
+            yield client
+        return
+    if kind == "kubernetes":
+        from mf_dist.batch_clusters import open_kubernetes_client
+
+        with open_kubernetes_client(cluster.kubernetes, workers, threads_per_worker) as client:
+            yield client
+        return
+
+    gpus = visible_gpu_ids()
     if gpus:
-        with _local_gpu_cluster(gpus, threads_per_worker) as client:
+        with (
+            SpecCluster(
+                workers=gpu_worker_specs(gpus, threads_per_worker),
+                scheduler=LOOPBACK_SCHEDULER,
+            ) as gpu_cluster,
+            Client(gpu_cluster) as client,
+        ):
             yield client
         return
     with (
@@ -56,32 +86,46 @@ def open_client(
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
+        ) as local_cluster,
+        Client(local_cluster) as client,
     ):
         yield client
 
 
-@contextlib.contextmanager
-def _local_gpu_cluster(gpus: int, threads_per_worker: int) -> Iterator[Client]:
-    from distributed import Nanny, SpecCluster
-    from distributed.scheduler import Scheduler
+def visible_gpu_ids() -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` entry of each GPU this process may hand to a worker.
 
-    workers = {
+    When this process already has a ``CUDA_VISIBLE_DEVICES`` (SLURM, a
+    container runtime or the user set it), a worker must get one of *those*
+    entries: the n-th visible GPU is not physical GPU n on a node shared with
+    other jobs.
+    """
+    count = visible_gpu_count()
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is not None:
+        entries = [entry.strip() for entry in inherited.split(",") if entry.strip()]
+        return entries[:count]
+    return [str(index) for index in range(count)]
+
+
+def gpu_worker_specs(gpu_ids: list[str], threads_per_worker: int) -> dict[str, dict]:
+    """SpecCluster worker specs: one nanny-managed worker per GPU, on loopback.
+
+    Worker ``gpu-<i>`` sees only ``gpu_ids[i]`` (as its ``cuda:0``) and
+    advertises ``GPU=1``, which the training tasks ask for.
+    """
+    return {
         f"gpu-{index}": {
             "cls": Nanny,
             "options": {
                 "nthreads": threads_per_worker,
                 "resources": {"GPU": 1},
-                "env": {"CUDA_VISIBLE_DEVICES": str(index)},
+                "env": {"CUDA_VISIBLE_DEVICES": gpu_id},
                 "host": "127.0.0.1",
             },
         }
-        for index in range(gpus)
+        for index, gpu_id in enumerate(gpu_ids)
     }
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
-    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
-        yield client
 
 
 def compute_device(preference: str = "auto") -> torch.device:

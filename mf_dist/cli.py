@@ -21,6 +21,7 @@ from mf_dist.commands import neighbors as neighbors_command
 from mf_dist.config import DeviceName, DuplicatePolicy, ModelName, RunConfig, load_config
 from mf_dist.errors import MfDistError
 from mf_dist.input_files import check_schemas, list_input_files
+from mf_dist.progress import pipeline_progress
 
 if TYPE_CHECKING:
     from flows.pipeline import PipelineSummary
@@ -46,6 +47,7 @@ RankOption = Annotated[Optional[int], typer.Option(help="Embedding dimension k (
 EpochsOption = Annotated[Optional[int], typer.Option(help="Training epochs (default per model).")]
 WorkersOption = Annotated[Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Random seed.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-stage log lines.")]
 
 
 def _run(config: RunConfig) -> PipelineSummary:
@@ -98,12 +100,14 @@ def run(
     neighbors: Annotated[
         Optional[int], typer.Option(help="Also publish each item's top-N similar items.")
     ] = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Run the pipeline on your own Parquet ratings."""
-    overrides = {name: value for name, value in locals().items() if name != "config"}
+    overrides = {name: value for name, value in locals().items() if name not in ("config", "quiet")}
     settings = load_config(config, **overrides)
     started = time.perf_counter()
-    summary = _run(settings)
+    with pipeline_progress(console, epochs=settings.resolved_epochs, quiet=quiet):
+        summary = _run(settings)
     print_summary(summary, time.perf_counter() - started)
 
 
@@ -119,6 +123,7 @@ def demo(
     workers: WorkersOption = None,
     seed: Annotated[int, typer.Option(help="Random seed (data and training).")] = 0,
     neighbors: Annotated[int, typer.Option(help="Top-N similar items per item (0: skip).")] = 10,
+    quiet: QuietOption = False,
 ) -> None:
     """Generate a realistic ratings set and run the whole pipeline on it."""
     from mf_dist.synthetic import synthetic_ratings, write_partitions
@@ -142,7 +147,8 @@ def demo(
         neighbors=neighbors,
     )
     started = time.perf_counter()
-    summary = _run(settings)
+    with pipeline_progress(console, epochs=settings.resolved_epochs, quiet=quiet):
+        summary = _run(settings)
     print_summary(summary, time.perf_counter() - started)
 
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import sys
 
 import numpy as np
 import pytest
+from prefect.logging.handlers import PrefectConsoleHandler
 from rich.console import Console
+from rich.progress import Progress
 from typer.testing import CliRunner
 
 from mf_dist import cli
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
-from mf_dist.progress import count_progress
+from mf_dist.progress import PipelineProgressHandler, count_progress, pipeline_progress
 from mf_dist.reader import read_published
 from mf_dist.terminal_chart import text_chart
 from tests.published import HISTORY, publish_items
@@ -144,3 +147,35 @@ def test_progress_draws_only_on_a_terminal_and_not_when_quiet():
     with count_progress(Console(file=log, force_terminal=False), "x", "blocks", quiet=False) as bar:
         assert bar is None
     assert log.getvalue() == ""
+
+
+def run_log_record(task_name: str | None, message: str, *args: object) -> logging.LogRecord:
+    record = logging.LogRecord("prefect.task_runs", logging.INFO, __file__, 1, message, args, None)
+    if task_name is not None:
+        record.task_name = task_name
+    return record
+
+
+def test_pipeline_progress_follows_the_stage_and_epoch_records():
+    progress = Progress(console=Console(file=io.StringIO()))
+    stage, epochs = progress.add_task("starting", total=None), progress.add_task("epochs", total=5)
+    handler = PipelineProgressHandler(progress, stage, epochs)
+    handler.emit(run_log_record("ingest", "ingest: %.1f s", 1.0))
+    assert progress.tasks[stage].description == "stage ingest"
+    handler.emit(run_log_record("train", "epoch %d: loss %.6g %s", 3, 0.5, ""))
+    assert progress.tasks[stage].description == "stage train" and progress.tasks[epochs].completed == 3
+    # Records it does not know change nothing.
+    handler.emit(run_log_record("export", "epoch %d", 9))
+    handler.emit(run_log_record(None, "Finished in state Completed()"))
+    assert progress.tasks[epochs].completed == 3 and progress.tasks[stage].description == "stage export"
+
+
+def test_quiet_holds_back_prefect_info_lines_and_restores_them():
+    import prefect.main  # noqa: F401  (installs Prefect's console handler, as running a flow does)
+
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    assert handlers, "Prefect's console handler is installed once flows are imported"
+    before = [h.level for h in handlers]
+    with pipeline_progress(Console(file=io.StringIO()), epochs=3, quiet=True):
+        assert all(h.level == logging.WARNING for h in handlers)
+    assert [h.level for h in handlers] == before

@@ -16,6 +16,7 @@ ask for that resource, land on it.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -170,7 +171,7 @@ def kubernetes_cluster_spec(settings: KubernetesSettings, workers: int, threads_
         },
         "livenessProbe": {**health_probe, "initialDelaySeconds": 15, "periodSeconds": 20},
     }
-    return {
+    document = {
         "apiVersion": "kubernetes.dask.org/v1",
         "kind": "DaskCluster",
         "metadata": {"name": settings.name, "namespace": settings.namespace, "labels": labels},
@@ -210,6 +211,8 @@ def kubernetes_cluster_spec(settings: KubernetesSettings, workers: int, threads_
             },
         },
     }
+    # Scheduler and worker share a few sub-documents above; callers may edit one of them.
+    return json.loads(json.dumps(document))
 
 
 @contextlib.contextmanager

@@ -155,11 +155,11 @@ def fold_candidates(
         if first < last:
             itself = torch.arange(first, last, device=device)
             scores[itself - query.offset, itself - candidate.offset] = float("-inf")
-        candidate_rows = torch.arange(
-            candidate.offset, candidate.offset + len(candidate), device=device
-        ).expand(rows_in_block, -1)
-        merged_scores = torch.cat([best_scores, scores], dim=1)
-        merged_rows = torch.cat([best_rows, candidate_rows], dim=1)
+        # The block's own top-k first, then a merge of two (rows × k) sets: no
+        # (rows × block) index matrix is ever built.
+        block_scores, block_positions = torch.topk(scores, min(k, len(candidate)), dim=1)
+        merged_scores = torch.cat([best_scores, block_scores], dim=1)
+        merged_rows = torch.cat([best_rows, block_positions + candidate.offset], dim=1)
         best_scores, positions = torch.topk(merged_scores, k, dim=1, largest=True, sorted=True)
         best_rows = torch.gather(merged_rows, 1, positions)
     return TopK(best_scores.cpu().numpy(), best_rows.cpu().numpy())

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mf_dist.cluster_settings import ClusterKind
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
 from mf_dist.config import DeviceName, DuplicatePolicy, ModelName, RunConfig, load_config
@@ -80,6 +81,10 @@ def run(
     threads_per_worker: Annotated[Optional[int], typer.Option(help="Threads per worker process.")] = None,
     scheduler: Annotated[
         Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")
+    ] = None,
+    cluster: Annotated[
+        Optional[ClusterKind],
+        typer.Option(help="Where workers come from (settings: the config file's cluster table)."),
     ] = None,
     like_threshold: Annotated[
         Optional[float], typer.Option(help="Rating >= T counts as liked (default: every rating).")
@@ -170,6 +175,25 @@ def generate(
         f"wrote {len(frame):,} ratings ({frame.user_id.nunique():,} users, "
         f"{frame.item_id.nunique():,} items) to {output}"
     )
+
+
+@app.command()
+def serve(
+    prefect_file: Annotated[Path, typer.Option(help="Deployment file with schedules and parameters.")] = Path(
+        "deploy/prefect.yaml"
+    ),
+    name: Annotated[
+        Optional[list[str]],
+        typer.Option("--name", help="Deployment to serve (repeatable); default: those tagged single-host."),
+    ] = None,
+) -> None:
+    """Serve the scheduled deployments from this process, for users with no work pool.
+
+    Needs a Prefect server (PREFECT_API_URL); runs until interrupted.
+    """
+    from flows.serve import serve_deployments
+
+    serve_deployments(prefect_file, name, os.environ)
 
 
 app.command(name="neighbors")(neighbors_command.neighbors)

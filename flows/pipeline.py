@@ -263,7 +263,9 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
     """Ratings Parquet in, published embedding tables out; see the module docstring."""
     logger = get_run_logger()
     run_id = new_run_id()
-    logger.info("run %s: %s model, rank %d, input %s", run_id, config.model, config.rank, config.input)
+    logger.info(
+        "run %s: %s model, rank %d, input %s", run_id, config.model, config.resolved_rank, config.input
+    )
     work_dir = config.resolved_work_dir
     fingerprint = input_fingerprint(list_input_files(config.input))
     with open_client(
@@ -305,7 +307,7 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
     return PipelineSummary(
         run_id=run_id,
         model=config.model,
-        rank=config.rank,
+        rank=config.resolved_rank,
         epochs=trained.epochs,
         output=config.output,
         device=trained.device,

@@ -19,7 +19,18 @@ from rich.table import Table
 from mf_dist.cluster_settings import ClusterKind
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
-from mf_dist.config import DeviceName, DuplicatePolicy, ModelName, RunConfig, load_config
+from mf_dist.config import (
+    AlsMethod,
+    CooccurrenceLoss,
+    DeviceName,
+    DuplicatePolicy,
+    ModelName,
+    NmfTarget,
+    OptimizerName,
+    RunConfig,
+    SolverName,
+    load_config,
+)
 from mf_dist.errors import MfDistError
 from mf_dist.input_files import check_schemas, list_input_files
 from mf_dist.progress import pipeline_progress
@@ -72,11 +83,38 @@ def run(
     output: Annotated[Optional[str], typer.Option(help="Directory for the published tables.")] = None,
     config: ConfigOption = None,
     model: ModelOption = None,
+    solver: Annotated[
+        Optional[SolverName], typer.Option(help="als, gradient or mu (default per model; see README).")
+    ] = None,
     rank: RankOption = None,
     epochs: EpochsOption = None,
     learning_rate: Annotated[Optional[float], typer.Option(help="Step size (default per model).")] = None,
-    regularization: Annotated[Optional[float], typer.Option(help="L2 weight (explicit).")] = None,
+    regularization: Annotated[Optional[float], typer.Option(help="L2 weight (default per model).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Ratings per gradient step (explicit).")] = None,
+    optimizer: Annotated[
+        Optional[OptimizerName], typer.Option(help="Gradient solvers: adam or adagrad.")
+    ] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Implicit: confidence c = 1 + alpha * r.")] = None,
+    als_method: Annotated[
+        Optional[AlsMethod], typer.Option(help="Implicit ALS: cg (conjugate gradient) or cholesky.")
+    ] = None,
+    cg_steps: Annotated[Optional[int], typer.Option(help="Implicit ALS: CG steps per solve.")] = None,
+    loss: Annotated[
+        Optional[CooccurrenceLoss], typer.Option(help="Co-occurrence: squared (all pairs) or weighted.")
+    ] = None,
+    log_target: Annotated[
+        Optional[bool], typer.Option("--log-target/--no-log-target", help="Weighted loss: fit log X.")
+    ] = None,
+    target: Annotated[Optional[NmfTarget], typer.Option(help="NMF: cooccurrence (X) or ratings (S).")] = None,
+    tolerance: Annotated[
+        Optional[float], typer.Option(help="Stop when an epoch improves the loss by less than this fraction.")
+    ] = None,
+    resume: Annotated[
+        Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
+    ] = None,
+    init_from: Annotated[
+        Optional[str], typer.Option(help="Warm start from the tables published under this output.")
+    ] = None,
     workers: WorkersOption = None,
     threads_per_worker: Annotated[Optional[int], typer.Option(help="Threads per worker process.")] = None,
     scheduler: Annotated[
@@ -123,7 +161,7 @@ def demo(
     ),
     ratings: Annotated[int, typer.Option(help="Number of ratings to generate.")] = 1_000_000,
     model: Annotated[ModelName, typer.Option(help="Objective to fit.")] = "cooccurrence",
-    rank: Annotated[int, typer.Option(help="Embedding dimension k.")] = 32,
+    rank: RankOption = None,
     epochs: EpochsOption = None,
     workers: WorkersOption = None,
     seed: Annotated[int, typer.Option(help="Random seed (data and training).")] = 0,

@@ -200,7 +200,11 @@ def _write_table(
         "run_id": run_id,
         "table": table.name,
         "model": train.model,
+        "solver": train.solver,
         "rank": train.rank,
+        "hyperparameters": train.settings,
+        "epochs_run": train.epochs,
+        "stopped_early": train.stopped_early,
         "id_column": id_column,
         "id_type": id_type,
         "columns": [

@@ -74,8 +74,9 @@ def als_update_rows(
     """
     rank = col_vectors.shape[1]
     dtype = col_vectors.dtype
-    ones = torch.ones(len(cols), 1, dtype=dtype, device=col_vectors.device)
-    features = torch.cat([col_vectors[cols], ones], dim=1)
+    ones = torch.ones(len(col_vectors), 1, dtype=dtype, device=col_vectors.device)
+    col_features = torch.cat([col_vectors, ones], dim=1)
+    features = col_features[cols]
     targets = ratings.to(dtype) - global_mean - col_bias[cols]
     counts = torch.bincount(rows, minlength=n_rows).to(dtype)
     eye = torch.eye(rank + 1, dtype=dtype, device=col_vectors.device)
@@ -83,7 +84,7 @@ def als_update_rows(
     for start, stop in normal_equations.row_chunks(n_rows, rank + 1):
         first, last = normal_equations.entry_ranges(rows, start, stop)
         local = rows[first:last] - start
-        gram = normal_equations.row_gram_sums(local, features[first:last], stop - start)
+        gram = normal_equations.row_gram_sums(local, cols[first:last], col_features, stop - start)
         gram += regularization * counts[start:stop].clamp_min(1.0)[:, None, None] * eye
         rhs = normal_equations.row_vector_sums(local, features[first:last], targets[first:last], stop - start)
         solution[start:stop] = normal_equations.solve_normal_equations(gram, rhs)

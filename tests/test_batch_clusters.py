@@ -37,8 +37,8 @@ from mf_dist.batch_clusters import kubernetes_cluster_spec, slurm_job_options, s
 from mf_dist.cluster_settings import KubernetesSettings, SlurmSettings
 from mf_dist.config import load_config
 from tests.conftest import REPO
+from tests.processes import SLURM_STANDIN
 
-SLURM_STANDIN = Path(__file__).parent / "slurm_standin"
 DASK_CLUSTER_CRD = "operator/deployment/helm/dask-kubernetes-operator/crds/daskcluster.yaml"
 
 GPU_SLURM = SlurmSettings(

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
 )
-from prefect.client.schemas.objects import Artifact
-from prefect.client.schemas.sorting import TaskRunSort
 from prefect.states import Failed
 from prefect.testing.utilities import prefect_test_harness
 
@@ -45,12 +46,7 @@ def prefect_server() -> Iterator[None]:
 def task_states(flow_run_id) -> dict[str, tuple[str, int]]:
     """Stage name → (state name, run count) of one flow run's task runs."""
     with get_client(sync_client=True) as client:
-        # sort and limit spelled out: this client version sends null for them otherwise (422).
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-            limit=100,
-        )
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {run.name.split("-")[0]: (run.state.name, run.run_count) for run in runs}
 
 
@@ -142,21 +138,12 @@ def test_loss_artifacts_are_published(prefect_server, client, tmp_path, tiny_inp
     assert {name for name, _ in task_states(flow_run_id).values()} == {"Completed"}
 
     with get_client(sync_client=True) as prefect:
-        # Posted by hand: this client's read_artifacts sends nulls that its own server rejects (422).
-        response = prefect.request(
-            "POST",
-            "/artifacts/filter",
-            json={
-                "artifacts": {
-                    "key": {"any_": ["mf-dist-cooccurrence-loss", "mf-dist-cooccurrence-loss-curve"]},
-                    "flow_run_id": {"any_": [str(flow_run_id)]},
-                },
-                "sort": "CREATED_DESC",
-                "limit": 10,
-                "offset": 0,
-            },
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["mf-dist-cooccurrence-loss", "mf-dist-cooccurrence-loss-curve"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            )
         )
-    artifacts = Artifact.model_validate_list(response.json())
     by_type = {artifact.type: artifact for artifact in artifacts}
     assert set(by_type) == {"table", "markdown"}
     table = by_type["table"].data

@@ -36,6 +36,7 @@ from mf_dist.cluster import open_client
 from mf_dist.config import RunConfig
 from mf_dist.cooccur import CooccurrenceResult, cooccurrence_blocks
 from mf_dist.errors import MfDistError
+from mf_dist.evaluation import holdout_metrics
 from mf_dist.export import ExportResult, export_tables, new_run_id
 from mf_dist.factor_files import EpochRecord, TrainResult
 from mf_dist.ingest import IngestResult, ingest_ratings
@@ -94,6 +95,7 @@ class PipelineSummary(BaseModel):
     final_loss: float
     final_metrics: dict[str, float]
     loss_history: list[EpochRecord]
+    evaluation: dict[str, float] = {}
     export: ExportResult
     neighbors: NeighborsResult | None = None
     stages: list[StageReport]
@@ -137,6 +139,8 @@ def ingest_arguments(config: RunConfig) -> dict[str, Any]:
         "like_threshold": config.like_threshold,
         "duplicates": config.duplicates,
         "block_size": config.block_size,
+        # The split depends on the seed only when there is one.
+        **({"holdout": config.holdout, "seed": config.seed} if config.holdout else {}),
     }
 
 
@@ -196,7 +200,12 @@ def _train(scheduler: str, config: RunConfig) -> tuple[TrainResult, StageReport]
 
 @task(name="export", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
 def export_task(
-    scheduler: str, config: RunConfig, ingest: IngestResult, trained: TrainResult, run_id: str
+    scheduler: str,
+    config: RunConfig,
+    ingest: IngestResult,
+    trained: TrainResult,
+    run_id: str,
+    evaluation: dict[str, float],
 ) -> tuple[ExportResult, StageReport]:
     return _run_stage(
         "export",
@@ -208,8 +217,16 @@ def export_task(
             config.output,
             run_id=run_id,
             config=config.model_dump(mode="json"),
+            extra_manifest={"evaluation": evaluation} if evaluation else None,
         ),
     )
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(scheduler: str, ingest: IngestResult, trained: TrainResult) -> dict[str, float]:
+    """Held-out metrics: RMSE/MAE for explicit ratings, recall@10/NDCG@10 of held-out likes otherwise."""
+    with Client(scheduler, set_as_default=False) as client:
+        return holdout_metrics(client, ingest, trained)
 
 
 @task(name="neighbors", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
@@ -283,7 +300,7 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
             scheduler, config, key
         )
         reports = [ingest_report]
-        if config.model == "cooccurrence":
+        if config.needs_cooccurrence:
             key = stage_key("cooccurrence", key)
             _, cooccurrence_report = cooccurrence_task.with_options(
                 **stage_options(config, "cooccurrence", key)
@@ -294,9 +311,13 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
             scheduler, config, key
         )
         publish_loss_artifacts(trained.history, config.model, run_id, work_dir)
+        evaluation: dict[str, float] = {}
+        if ingest.n_held_out:
+            evaluation = evaluate_task(scheduler, ingest, trained)
+            logger.info("held-out evaluation: %s", ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
         exported, export_report = export_task.with_options(
             retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
-        )(scheduler, config, ingest, trained, run_id)
+        )(scheduler, config, ingest, trained, run_id, evaluation)
         reports += [train_report, export_report]
         neighbors = None
         if config.neighbors:
@@ -318,6 +339,7 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         final_loss=trained.final_loss,
         final_metrics=trained.history[-1].metrics,
         loss_history=trained.history,
+        evaluation=evaluation,
         export=exported,
         neighbors=neighbors,
         stages=reports,

@@ -115,6 +115,10 @@ def run(
     init_from: Annotated[
         Optional[str], typer.Option(help="Warm start from the tables published under this output.")
     ] = None,
+    holdout: Annotated[
+        Optional[float],
+        typer.Option(help="Hold out this share of ratings; report RMSE/MAE or recall@10/NDCG@10."),
+    ] = None,
     workers: WorkersOption = None,
     threads_per_worker: Annotated[Optional[int], typer.Option(help="Threads per worker process.")] = None,
     scheduler: Annotated[
@@ -255,6 +259,11 @@ def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
         f"{summary.final_loss:.6g}"
         + "".join(f", {name} {value:.4g}" for name, value in summary.final_metrics.items()),
     )
+    if summary.evaluation:
+        overview.add_row(
+            "held out",
+            ", ".join(f"{name.removeprefix('holdout_')} {v:.4g}" for name, v in summary.evaluation.items()),
+        )
     for table in summary.export.tables:
         overview.add_row(f"table {table.name}", f"{table.rows:,} rows → {table.path}")
     if summary.neighbors is not None:

@@ -48,7 +48,9 @@ MODEL_DEFAULTS: dict[str, dict[str, float | int | str]] = {
     "implicit": {"epochs": 15, "learning_rate": 0.01, "rank": 32, "regularization": 0.1, "optimizer": "adam"},
     # NMF's projected gradient steps learning_rate / λ_max(Gram): 1 is the
     # classic 1/L step (never raises the loss); multiplicative updates need none.
-    "nmf": {"epochs": 200, "learning_rate": 1.0},
+    # Neither solver regularises or uses an optimiser; the entries keep every
+    # model's defaults complete.
+    "nmf": {"epochs": 200, "learning_rate": 1.0, "rank": 32, "regularization": 0.0, "optimizer": "adam"},
 }
 
 # The solvers each model offers; the first is the default (``solver = "auto"``).
@@ -140,6 +142,9 @@ class RunConfig(BaseModel):
     )
     tolerance: float = Field(
         1e-4, ge=0, description="Stop when an epoch improves the loss by less than this fraction (0: never)."
+    )
+    holdout: float = Field(
+        0.0, ge=0, lt=0.9, description="Share of ratings kept out of training to evaluate on (0: none)."
     )
     resume: bool = Field(False, description="Continue from the last checkpoint in the work directory.")
     init_from: str | None = Field(None, description="Warm start from the tables published under this output.")

@@ -12,8 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from distributed import Client
 
 from mf_dist.errors import InputError
+from mf_dist.factor_files import FactorTable, TrainResult
+from mf_dist.ingest import IngestResult
 from mf_dist.reader import Embeddings, read_embeddings
 
 
@@ -73,3 +78,150 @@ def random_split(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Da
     """(train, held out): each row held out with probability ``fraction``, reproducibly for ``seed``."""
     held = np.random.default_rng(seed).random(len(frame)) < fraction
     return frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
+
+
+# --- Held-out evaluation inside the pipeline, on the workers -----------------
+
+
+def _read_table(table: FactorTable) -> tuple[np.ndarray, np.ndarray | None]:
+    blocks = [table.read_block(b) for b in range(table.grid.n_blocks)]
+    vectors = np.concatenate([v for v, _ in blocks]) if blocks else np.zeros((0, table.rank), np.float32)
+    bias = np.concatenate([b for _, b in blocks]) if table.has_bias and blocks else None
+    return vectors, bias
+
+
+def explicit_block_errors(
+    holdout_path: str, users: FactorTable, block: int, items: FactorTable, global_mean: float
+) -> tuple[float, float, int]:
+    """(Σ squared error, Σ absolute error, count) of one user block's held-out ratings (runs on a worker)."""
+    held = pq.read_table(holdout_path)
+    if held.num_rows == 0:
+        return 0.0, 0.0, 0
+    start = users.grid.bounds(block)[0]
+    user_vectors, user_bias = users.read_block(block)
+    item_vectors, item_bias = _read_table(items)
+    assert user_bias is not None and item_bias is not None
+    u = held["user"].to_numpy() - start
+    i = held["item"].to_numpy()
+    predicted = (
+        global_mean
+        + user_bias[u].astype(np.float64)
+        + item_bias[i]
+        + np.einsum("nk,nk->n", user_vectors[u].astype(np.float64), item_vectors[i])
+    )
+    error = predicted - held["rating"].to_numpy()
+    return float((error**2).sum()), float(np.abs(error).sum()), len(error)
+
+
+def _liked(path: str, like_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(path)
+    users, items, ratings = (table[c].to_numpy() for c in ("user", "item", "rating"))
+    keep = np.ones(len(users), bool) if like_threshold is None else ratings >= like_threshold
+    return users[keep], items[keep]
+
+
+def ranking_block_metrics(
+    holdout_path: str,
+    ratings_path: str,
+    user_start: int,
+    n_users: int,
+    like_threshold: float | None,
+    users: FactorTable | None,
+    block: int,
+    profile_items: FactorTable,
+    candidates: FactorTable,
+    k: int,
+) -> tuple[float, float, int]:
+    """(Σ recall@k, Σ NDCG@k, users scored) for one user block's held-out likes (runs on a worker).
+
+    A user's vector is its row of ``users`` when the model has one, else the
+    sum of the ``profile_items`` vectors of the items it liked in training.
+    Items liked in training are never recommended again.
+    """
+    held_users, held_items = _liked(holdout_path, like_threshold)
+    if len(held_users) == 0:
+        return 0.0, 0.0, 0
+    train_users, train_items = _liked(ratings_path, like_threshold)
+    candidate_vectors = torch.from_numpy(_read_table(candidates)[0]).double()
+    if users is not None:
+        user_vectors = torch.from_numpy(users.read_block(block)[0]).double()
+    else:
+        profile = torch.from_numpy(_read_table(profile_items)[0]).double()
+        user_vectors = torch.zeros(n_users, profile.shape[1], dtype=torch.float64)
+        user_vectors.index_add_(0, torch.from_numpy(train_users - user_start), profile[train_items])
+    k = min(k, len(candidate_vectors))
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    recall_sum = ndcg_sum = 0.0
+    scored_users = np.unique(held_users)
+    for chunk in np.array_split(scored_users, max(1, len(scored_users) // 256)):
+        local = torch.from_numpy(chunk - user_start)
+        scores = user_vectors[local] @ candidate_vectors.T
+        seen = np.isin(train_users, chunk)
+        rows = torch.from_numpy(np.searchsorted(chunk, train_users[seen]))
+        scores[rows, torch.from_numpy(train_items[seen])] = -torch.inf
+        top = torch.topk(scores, k, dim=1).indices.numpy()
+        for r, user in enumerate(chunk):
+            relevant = set(held_items[held_users == user].tolist())
+            hits = np.array([item in relevant for item in top[r]])
+            recall_sum += hits.sum() / min(k, len(relevant))
+            ideal = discounts[: min(k, len(relevant))].sum()
+            ndcg_sum += float(discounts[torch.from_numpy(hits)].sum() / ideal)
+    return recall_sum, ndcg_sum, len(scored_users)
+
+
+def holdout_metrics(
+    client: Client, ingest: IngestResult, trained: TrainResult, k: int = 10
+) -> dict[str, float]:
+    """Held-out metrics of a trained model: RMSE and MAE for ``explicit``, recall@k and NDCG@k otherwise."""
+    if ingest.n_held_out == 0:
+        return {}
+    tables = {t.name: t for t in trained.tables}
+    grid = ingest.user_grid
+    if trained.model == "explicit":
+        sums = client.gather(
+            [
+                client.submit(
+                    explicit_block_errors,
+                    str(ingest.holdout_path(b)),
+                    tables["users"],
+                    b,
+                    tables["items"],
+                    ingest.global_mean,
+                    pure=False,
+                )
+                for b in range(grid.n_blocks)
+            ]
+        )
+        n = max(1, sum(s[2] for s in sums))
+        return {
+            "holdout_rmse": float(np.sqrt(sum(s[0] for s in sums) / n)),
+            "holdout_mae": sum(s[1] for s in sums) / n,
+            "holdout_ratings": float(n),
+        }
+    users = tables.get("users") if "contexts" not in tables else None
+    candidates = tables["contexts"] if "contexts" in tables else tables["items"]
+    sums = client.gather(
+        [
+            client.submit(
+                ranking_block_metrics,
+                str(ingest.holdout_path(b)),
+                str(ingest.ratings_path(b)),
+                start,
+                stop - start,
+                ingest.like_threshold,
+                users,
+                b,
+                tables["items"],
+                candidates,
+                k,
+                pure=False,
+            )
+            for b, start, stop in grid
+        ]
+    )
+    n = max(1, sum(s[2] for s in sums))
+    return {
+        f"holdout_recall@{k}": sum(s[0] for s in sums) / n,
+        f"holdout_ndcg@{k}": sum(s[1] for s in sums) / n,
+        "holdout_users": float(n),
+    }

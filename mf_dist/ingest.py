@@ -52,6 +52,8 @@ class IngestResult(BaseModel):
     n_ratings: int
     n_likes: int
     block_size: int
+    n_held_out: int = 0
+    holdout: float = 0.0
     implicit: bool
     like_threshold: float | None
     global_mean: float
@@ -80,6 +82,10 @@ class IngestResult(BaseModel):
 
     def ratings_path(self, user_block: int) -> Path:
         return Path(self.directory) / "ratings" / ratings_block_name(user_block)
+
+    def holdout_path(self, user_block: int) -> Path:
+        """The held-out ratings of one user block (empty unless ``holdout`` > 0)."""
+        return Path(self.directory) / HOLDOUT_DIR / ratings_block_name(user_block)
 
 
 @dataclass
@@ -217,9 +223,33 @@ def _timestamps_of(values: pd.Series) -> np.ndarray:
     return values.to_numpy(dtype=np.float64)
 
 
+HOLDOUT_DIR = "holdout"
+
+
+@dataclass(frozen=True)
+class HoldoutSplit:
+    """A reproducible random share of the ratings kept out of training."""
+
+    fraction: float
+    seed: int
+
+    def selects(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Whether each (user, item) index pair is held out: a hash, so independent of blocks and order."""
+        key = users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + items.astype(np.uint64)
+        key ^= np.uint64(self.seed) * np.uint64(0xBF58476D1CE4E5B9)
+        # splitmix64's finaliser: a well-mixed 64-bit value from a structured key.
+        key ^= key >> np.uint64(30)
+        key *= np.uint64(0xBF58476D1CE4E5B9)
+        key ^= key >> np.uint64(27)
+        key *= np.uint64(0x94D049BB133111EB)
+        key ^= key >> np.uint64(31)
+        return (key >> np.uint64(11)).astype(np.float64) / float(1 << 53) < self.fraction
+
+
 @dataclass
 class BlockStats:
     n_ratings: int
+    n_held_out: int
     n_likes: int
     duplicates_resolved: int
     rating_sum: float
@@ -241,8 +271,9 @@ def finalise_block(
     item_index: pd.Index,
     files: list[str],
     columns: InputColumns,
+    holdout: HoldoutSplit | None = None,
 ) -> BlockStats:
-    """Sort one user block, resolve duplicate pairs by ``policy``, write it, count it."""
+    """Sort one user block, resolve duplicate pairs by ``policy``, hold out a share, write it, count it."""
     folder = Path(staging) / f"block-{block:05d}"
     parts = sorted(folder.glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts]).to_pandas()
@@ -283,6 +314,21 @@ def finalise_block(
                 sums /= np.diff(starts, append=len(user))
             user, item, rating = user[starts], item[starts], sums.astype(np.float32)
 
+    n_held_out = 0
+    if holdout is not None and holdout.fraction > 0:
+        held = holdout.selects(user, item)
+        held_table = pa.Table.from_arrays(
+            [
+                pa.array(user[held], pa.int32()),
+                pa.array(item[held], pa.int32()),
+                pa.array(rating[held], pa.float32()),
+            ],
+            schema=RATINGS_SCHEMA,
+        )
+        pq.write_table(held_table, Path(output).parent / HOLDOUT_DIR / ratings_block_name(block))
+        n_held_out = int(held.sum())
+        user, item, rating = user[~held], item[~held], rating[~held]
+
     out = pa.Table.from_arrays(
         [pa.array(user, pa.int32()), pa.array(item, pa.int32()), pa.array(rating, pa.float32())],
         schema=RATINGS_SCHEMA,
@@ -296,6 +342,7 @@ def finalise_block(
     liked_counts = np.bincount(np.searchsorted(item_ids, item[liked]), minlength=len(item_ids))
     return BlockStats(
         n_ratings=len(user),
+        n_held_out=n_held_out,
         n_likes=int(liked.sum()),
         duplicates_resolved=n_duplicates,
         rating_sum=float(rating.astype(np.float64).sum()),
@@ -338,8 +385,14 @@ def ingest_ratings(
     like_threshold: float | None = None,
     duplicates: DuplicatePolicy = "auto",
     block_size: int = 4096,
+    holdout: float = 0.0,
+    seed: int = 0,
 ) -> IngestResult:
     """Run the ingest stage on the cluster of ``client``; see the module docstring.
+
+    ``holdout`` > 0 sets that share of the (deduplicated) ratings aside for
+    evaluation, chosen by a hash of (user, item, seed), under ``holdout/``;
+    every later stage trains on the rest.
 
     Raises :class:`InputError` naming file, column and row for bad input; in
     that case nothing is left in the work directory's ingest folder.
@@ -355,9 +408,11 @@ def ingest_ratings(
     staging = directory / "_staging"
     ratings_dir = directory / "ratings"
     ratings_dir.mkdir(parents=True)
+    (directory / HOLDOUT_DIR).mkdir()
+    split = HoldoutSplit(holdout, seed) if holdout > 0 else None
     try:
         result = _ingest(
-            client, files, columns, policy, directory, staging, ratings_dir, like_threshold, block_size
+            client, files, columns, policy, directory, staging, ratings_dir, like_threshold, block_size, split
         )
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -377,6 +432,7 @@ def _ingest(
     ratings_dir: Path,
     like_threshold: float | None,
     block_size: int,
+    holdout: HoldoutSplit | None = None,
 ) -> IngestResult:
     frame = dd.read_parquet(files, columns=columns.names, split_row_groups=False)
     partitions = frame.to_delayed()
@@ -441,6 +497,7 @@ def _ingest(
                 item_index_future,
                 files,
                 columns,
+                holdout,
             )
             for block in range(user_grid.n_blocks)
         ]
@@ -475,6 +532,8 @@ def _ingest(
         n_users=len(user_index),
         n_items=n_items,
         n_ratings=n_ratings,
+        n_held_out=sum(s.n_held_out for s in stats),
+        holdout=holdout.fraction if holdout else 0.0,
         n_likes=sum(s.n_likes for s in stats),
         block_size=block_size,
         implicit=columns.rating is None,

@@ -29,6 +29,13 @@ SCHEDULER_PORT = 8786
 SCHEDULER_DASHBOARD_PORT = 8787
 WORKER_DASHBOARD_PORT = 8788
 
+# The scheduler SLURMCluster starts in the flow's process. No dashboard: nobody
+# asked for a web server on the submit host. The scheduler still serves health
+# and metrics over HTTP (by default on :8787, every interface): keep that on
+# loopback, on a free port. Its Dask port follows ``interface`` (the workers'
+# network).
+SLURM_SCHEDULER_OPTIONS = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+
 
 def _missing_extra(extra: str, exc: ImportError) -> ConfigError:
     return ConfigError(
@@ -92,8 +99,7 @@ def open_slurm_client(settings: SlurmSettings, workers: int, threads_per_worker:
         raise _missing_extra("slurm", exc) from exc
     with (
         SLURMCluster(
-            # No dashboard: nobody asked for a web server on the submit host.
-            scheduler_options={"dashboard": False},
+            scheduler_options=SLURM_SCHEDULER_OPTIONS,
             **slurm_job_options(settings, threads_per_worker),
         ) as cluster,
         Client(cluster) as client,

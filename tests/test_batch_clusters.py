@@ -33,7 +33,12 @@ import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import factorization_pipeline
-from mf_dist.batch_clusters import kubernetes_cluster_spec, slurm_job_options, slurm_job_script
+from mf_dist.batch_clusters import (
+    SLURM_SCHEDULER_OPTIONS,
+    kubernetes_cluster_spec,
+    slurm_job_options,
+    slurm_job_script,
+)
 from mf_dist.cluster_settings import KubernetesSettings, SlurmSettings
 from mf_dist.config import load_config
 from tests.conftest import REPO
@@ -113,9 +118,11 @@ def test_slurm_cluster_submits_the_same_script():
     from dask_jobqueue import SLURMCluster
 
     settings = GPU_SLURM.model_copy(update={"interface": "lo"})
-    with SLURMCluster(scheduler_options={"dashboard": False}, **slurm_job_options(settings, 1)) as cluster:
+    with SLURMCluster(scheduler_options=SLURM_SCHEDULER_OPTIONS, **slurm_job_options(settings, 1)) as cluster:
         script = cluster.job_script()
         address = cluster.scheduler_address
+        http_hosts = {sock.getsockname()[0] for sock in cluster.scheduler.http_server._sockets.values()}
+    assert http_hosts == {"127.0.0.1"}, "the scheduler's HTTP server must stay on loopback"
     assert address.startswith("tcp://127.0.0.1:")
     assert directives(script) == directives(slurm_job_script(settings, 1, address))
     assert option(worker_command(script), "--resources") == "GPU=1"

@@ -25,10 +25,13 @@ from mf_dist.ingest import IngestResult, load_ingest_result
 from mf_dist.schema import TRAIN_DIR
 from mf_dist.trainers.checkpoints import CheckpointStore, load_blocks, save_row_block
 from mf_dist.trainers.cooccurrence import CooccurrenceGradient
+from mf_dist.trainers.cooccurrence_als import CooccurrenceALS
+from mf_dist.trainers.cooccurrence_weighted import CooccurrenceWeighted
 from mf_dist.trainers.epoch_loop import ShardedModel, run_epochs
 from mf_dist.trainers.explicit import ExplicitGradient
 from mf_dist.trainers.explicit_als import ExplicitALS
 from mf_dist.trainers.implicit import ImplicitModel
+from mf_dist.trainers.nmf import build_nmf
 from mf_dist.trainers.warm_start import align_published_table
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,13 @@ ModelFactory = Callable[
 
 
 def _cooccurrence_gradient(client, work_dir, ingest, settings, resources, initial):  # noqa: ANN001, ANN202
+    if settings.loss == "weighted":
+        return CooccurrenceWeighted(client, load_cooccurrence_result(work_dir), settings, resources, initial)
     return CooccurrenceGradient(client, load_cooccurrence_result(work_dir), settings, resources, initial)
+
+
+def _cooccurrence_als(client, work_dir, ingest, settings, resources, initial):  # noqa: ANN001, ANN202
+    return CooccurrenceALS(client, load_cooccurrence_result(work_dir), settings, resources, initial)
 
 
 def _ratings_model(cls: type) -> ModelFactory:
@@ -55,14 +64,22 @@ def _ratings_model(cls: type) -> ModelFactory:
 # (model, solver) → how to build it. The loop and the stage never look inside.
 MODELS: dict[tuple[str, str], ModelFactory] = {
     ("cooccurrence", "gradient"): _cooccurrence_gradient,
+    ("cooccurrence", "als"): _cooccurrence_als,
     ("explicit", "gradient"): _ratings_model(ExplicitGradient),
     ("explicit", "als"): _ratings_model(ExplicitALS),
     ("implicit", "als"): _ratings_model(ImplicitModel),
     ("implicit", "gradient"): _ratings_model(ImplicitModel),
+    ("nmf", "mu"): build_nmf,
+    ("nmf", "gradient"): build_nmf,
 }
 
 # Which id map each published table's rows follow.
-ID_MAPS = {"users": ("users_path", "user_id", 0), "items": ("items_path", "item_id", 1)}
+ID_MAPS = {
+    "users": ("users_path", "user_id", 0),
+    "items": ("items_path", "item_id", 1),
+    # NMF of X = SᵀS: H's rows are items too.
+    "contexts": ("items_path", "item_id", 2),
+}
 
 
 def _check(settings: TrainSettings, ingest: IngestResult) -> None:

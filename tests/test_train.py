@@ -18,13 +18,19 @@ from mf_dist.train import MODELS, train_factors
 MODEL_SOLVER_PAIRS = sorted(MODELS)
 
 # Few epochs, tiny data: enough for each solver to make clear progress.
-EPOCHS = {"cooccurrence": 12, "explicit": 4, "implicit": 4, "nmf": 30}
+EPOCHS = {"cooccurrence": 12, "explicit": 4, "implicit": 4, "nmf": 10}
 LEARNING_RATES = {
     ("cooccurrence", "gradient"): 0.1,
     ("explicit", "gradient"): 0.01,
     ("implicit", "gradient"): 0.05,
+    ("nmf", "gradient"): 1.0,
 }
-TABLES = {"cooccurrence": {"items"}, "explicit": {"users", "items"}, "implicit": {"users", "items"}}
+TABLES = {
+    "cooccurrence": {"items"},
+    "explicit": {"users", "items"},
+    "implicit": {"users", "items"},
+    "nmf": {"items", "contexts"},
+}
 
 
 def prepare(client, source, work, model, like_threshold=None):

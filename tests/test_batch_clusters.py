@@ -15,6 +15,7 @@ There is no SLURM controller and no Kubernetes API server here. What runs:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.resources
 import os
 import re
@@ -155,6 +156,7 @@ def submitted_jobs(spool: Path) -> list[int]:
     return [int(line) for line in jobs.read_text().split()] if jobs.exists() else []
 
 
+@pytest.mark.slow
 def test_pipeline_runs_on_workers_started_by_the_slurm_job_scripts(
     prefect_server, slurm_standin, tmp_path, tiny_input
 ):
@@ -202,6 +204,7 @@ startup_timeout_seconds = 120
 # ---------------------------------------------------------------- Kubernetes
 
 
+@functools.cache
 def dask_cluster_crd() -> dict[str, Any]:
     text = (importlib.resources.files("dask_kubernetes") / DASK_CLUSTER_CRD).read_text()
     return yaml.safe_load(text)
@@ -230,6 +233,14 @@ def strict(schema: Any) -> Any:
     return converted
 
 
+@functools.cache
+def strict_dask_cluster_validator() -> jsonschema.Draft7Validator:
+    [version] = [v for v in dask_cluster_crd()["spec"]["versions"] if v.get("served", True)]
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
 def validate_dask_cluster(document: dict[str, Any]) -> None:
     crd = dask_cluster_crd()
     [version] = [v for v in crd["spec"]["versions"] if v.get("served", True)]
@@ -237,7 +248,7 @@ def validate_dask_cluster(document: dict[str, Any]) -> None:
     assert document["kind"] == crd["spec"]["names"]["kind"]
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", document["metadata"]["name"])
     body = {key: value for key, value in document.items() if key not in {"apiVersion", "kind", "metadata"}}
-    jsonschema.validate(body, strict(version["schema"]["openAPIV3Schema"]))
+    strict_dask_cluster_validator().validate(body)
 
 
 GPU_KUBERNETES = KubernetesSettings(

@@ -65,6 +65,7 @@ def published_embeddings(output: Path, table: str = "items") -> dict[object, np.
     return dict(zip(ids, vectors, strict=True))
 
 
+@pytest.mark.slow
 def test_external_scheduler_gives_the_local_cluster_result(
     prefect_server, external_cluster, tmp_path, tiny_input
 ):

@@ -66,6 +66,7 @@ def config_for(client, source: Path, output: Path, work_dir: Path, **settings: o
     )
 
 
+@pytest.mark.slow
 def test_rerun_after_a_late_failure_skips_the_finished_stages(prefect_server, client, tmp_path, tiny_input):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output's parent directory should be")
@@ -113,6 +114,7 @@ def test_rerun_after_a_late_failure_skips_the_finished_stages(prefect_server, cl
     assert third.result().final_loss != summary.final_loss
 
 
+@pytest.mark.slow
 def test_a_work_directory_overwritten_by_other_settings_is_not_trusted(
     prefect_server, client, tmp_path, tiny_input
 ):
@@ -130,6 +132,7 @@ def test_a_work_directory_overwritten_by_other_settings_is_not_trusted(
     assert again.result().final_loss == pytest.approx(first.final_loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_artifacts_are_published(prefect_server, client, tmp_path, tiny_input):
     config = config_for(client, tiny_input, tmp_path / "out", tmp_path / "work", cache=False)
     state = factorization_pipeline(config, return_state=True)

@@ -34,6 +34,9 @@ from tests.conftest import REPO
 from tests.kubernetes_objects import check_object
 from tests.processes import BIN, SLURM_STANDIN, ProcessGroup, free_port, process_group, wait_until
 
+# Every test here starts real server and worker processes.
+pytestmark = pytest.mark.slow
+
 PREFECT = BIN / "prefect"
 MF_DIST = [sys.executable, "-m", "mf_dist.cli"]
 FAST = {"epochs": 2, "rank": 4, "block_size": 100, "workers": 2, "retries": 0}

@@ -1,6 +1,6 @@
 """Observable, resumable flow runs: stage caching, retries and artifacts, on a real Prefect server.
 
-The late failure is real: the export stage cannot create the output
+The late failure is real: the export stage cannot create the items table's
 directory because a regular file is in its place. Which stages ran and
 which were taken from the cache is read back from the Prefect API.
 """
@@ -68,10 +68,14 @@ def config_for(client, source: Path, output: Path, work_dir: Path, **settings: o
 
 @pytest.mark.slow
 def test_rerun_after_a_late_failure_skips_the_finished_stages(prefect_server, client, tmp_path, tiny_input):
-    blocked = tmp_path / "blocked"
-    blocked.write_text("a file where the output's parent directory should be")
+    output = tmp_path / "out"
+    output.mkdir()
+    # The output itself is fine (a run can start and lock it); only the items
+    # table cannot be written, so the run fails in its last stage.
+    blocked = output / "items"
+    blocked.write_text("a file where the items table's directory should be")
     work_dir = tmp_path / "work"
-    failing = config_for(client, tiny_input, blocked / "out", work_dir, retries=1)
+    failing = config_for(client, tiny_input, output, work_dir, retries=1)
 
     first = factorization_pipeline(failing, return_state=True)
     assert first.is_failed()
@@ -98,7 +102,7 @@ def test_rerun_after_a_late_failure_skips_the_finished_stages(prefect_server, cl
     }
     assert ingest_marker.stat().st_mtime_ns == ingested_at, "a cached stage must not rewrite its files"
     summary = second.result()
-    run_id = (blocked / "out" / "items" / "LATEST").read_text().strip()
+    run_id = (output / "items" / "LATEST").read_text().strip()
     assert run_id == summary.run_id
     assert summary.final_loss == pytest.approx(summary.loss_history[-1].loss)
 

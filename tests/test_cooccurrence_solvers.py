@@ -13,7 +13,7 @@ import torch
 
 from mf_dist.config import TrainSettings
 from mf_dist.cooccur import cooccurrence_blocks
-from mf_dist.errors import ConfigError
+from mf_dist.errors import ConfigError, TrainingError
 from mf_dist.ingest import ingest_ratings, load_ingest_result
 from mf_dist.models import cooccurrence, cooccurrence_weighted
 from mf_dist.train import train_factors
@@ -284,3 +284,11 @@ def test_weighted_trainer_resumes_with_its_optimiser_state(client, work):
     resumed = train_factors(client, work, s.model_copy(update={"resume": True}))
     assert [r.loss for r in resumed.history] == pytest.approx([r.loss for r in whole.history], rel=1e-6)
     torch.testing.assert_close(item_factors(resumed), item_factors(whole), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_divergence_is_a_clear_error(client, work):
+    advice = r"lower --learning-rate \(now 1e\+30\)"
+    with pytest.raises(TrainingError, match=rf"(non-finite|diverged) at epoch \d+: .*{advice}"):
+        train_factors(
+            client, work, settings(solver="gradient", loss="weighted", learning_rate=1e30, epochs=4)
+        )

@@ -30,6 +30,7 @@ HᵀH. Factors are float32 on the workers; Grams and sums are float64.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -331,7 +332,7 @@ class NMFModel:
 
 def build_nmf(
     client: Client,
-    work_dir: str,
+    work_dir: str | Path,
     ingest: IngestResult,
     settings: TrainSettings,
     resources: dict[str, float] | None,

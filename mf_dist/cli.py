@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mf_dist.bench import command as bench_command
 from mf_dist.cluster_settings import ClusterKind
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
@@ -241,6 +242,7 @@ def serve(
 app.command(name="neighbors")(neighbors_command.neighbors)
 app.command(name="inspect")(inspect_commands.inspect_run)
 app.command(name="similar")(inspect_commands.similar)
+app.command(name="bench")(bench_command.bench)
 
 
 def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:

@@ -1,0 +1,122 @@
+"""The ``mf-dist bench`` command: run suites, print the table, optionally write JSON."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from mf_dist.bench.data import SCALES, ScaleName
+from mf_dist.bench.measure import SideContext, SideFailedError, run_side_process
+from mf_dist.bench.results import BenchReport, SuiteResult, print_report
+from mf_dist.bench.suites import SUITES, Suite
+from mf_dist.cluster import compute_device
+from mf_dist.config import DeviceName
+from mf_dist.errors import ConfigError
+
+VERSIONED_PACKAGES = ("numpy", "scipy", "torch", "dask", "distributed", "scikit-learn", "implicit", "pyspark")
+
+# Piped into a file or CI log, rich would wrap the ten-column table at 80 characters.
+console = Console(width=None if Console().is_terminal else 200)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _variant_label(variant: dict[str, int | float | str]) -> str:
+    return ", ".join(f"{'k' if key == 'rank' else key}={value}" for key, value in variant.items())
+
+
+def run_suite(suite: Suite, scale_name: str, device: str, workers: int, cache_dir: Path) -> list[SuiteResult]:
+    """Prepare the suite's data once, then run ours and the reference for each variant."""
+    scale = SCALES[scale_name]
+    reason = suite.reference_unavailable()
+    ours_reason = suite.ours_unavailable()
+    results = []
+    for variant in suite.variants:
+        label = suite.name + (f" ({_variant_label(variant)})" if variant else "")
+        result = SuiteResult(suite=label, scale=scale_name, device=device, target=suite.target)
+        if ours_reason:
+            # Without our side there is nothing to compare.
+            results.append(result.model_copy(update={"unavailable": ours_reason}))
+            continue
+        with console.status(f"{label}: preparing {scale_name} data"):
+            input_dir, work_dir = suite.prepare(cache_dir, scale, workers)
+        context = SideContext(
+            suite=suite.name,
+            variant=variant,
+            scale=scale_name,
+            device=device,
+            workers=workers,
+            cache_dir=str(cache_dir),
+            input_dir=str(input_dir),
+            work_dir=str(work_dir),
+        )
+        scratch = cache_dir / scale_name / "sides"
+        problems = []
+        with console.status(f"{label}: ours"):
+            try:
+                result.ours = run_side_process(context, "ours", scratch)
+            except SideFailedError as exc:
+                problems.append(str(exc))
+        if suite.reference is not None and reason is None:
+            with console.status(f"{label}: reference"):
+                try:
+                    result.reference = run_side_process(context, "reference", scratch)
+                except SideFailedError as exc:
+                    problems.append(str(exc))
+        elif reason:
+            result.unavailable = reason
+        if problems:
+            result.failed = "\n".join(problems)
+        results.append(result)
+    return results
+
+
+def bench(
+    suite: Annotated[
+        Optional[str], typer.Argument(help=f"One of: {', '.join(SUITES)} (default: all of them).")
+    ] = None,
+    scale: Annotated[ScaleName, typer.Option(help="tiny (seconds), small (minutes), ml20m.")] = "tiny",
+    device: Annotated[DeviceName, typer.Option(help="Where our side computes: cpu or cuda.")] = "cpu",
+    json: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
+    workers: Annotated[int, typer.Option(help="Local Dask worker processes for our side.")] = 2,
+    cache_dir: Annotated[
+        Optional[Path], typer.Option(help="Where generated data is kept between runs (default: a temp dir).")
+    ] = None,
+) -> None:
+    """Time our stages against reference implementations on generated data, with quality and memory."""
+    if suite is not None and suite not in SUITES:
+        raise ConfigError(f"unknown bench suite {suite!r}; choose one of {', '.join(SUITES)}")
+    if device == "cuda":
+        # Raises a ConfigError naming the process when no GPU is visible.
+        compute_device("cuda")
+    selected = [SUITES[suite]] if suite else list(SUITES.values())
+    report = BenchReport(versions=_versions())
+    with tempfile.TemporaryDirectory(prefix="mf-dist-bench-") as temporary:
+        root = cache_dir or Path(temporary)
+        for chosen in selected:
+            report.suites += run_suite(chosen, scale, device, workers, root)
+    print_report(report, console)
+    for result in report.suites:
+        if result.unavailable:
+            console.print(f"[yellow]{result.suite}: {result.unavailable}[/]")
+        if result.failed:
+            console.print(f"[red]{result.suite} failed:[/]\n{result.failed}", highlight=False)
+    if json is not None:
+        json.write_text(report.model_dump_json(indent=2))
+        console.print(f"results written to {json}")
+    if any(result.failed for result in report.suites):
+        raise typer.Exit(1)

@@ -1,0 +1,107 @@
+"""Benchmark data: an ML-20M-shaped synthetic ratings set at three scales, and its prepared forms.
+
+Every scale comes from :func:`mf_dist.synthetic.synthetic_ratings` (heavy-tailed
+item popularity p ∝ 1/(rank + 10)^0.9, at least 20 ratings per user, ratings
+0.5–5 in halves from a low-rank model plus noise, no duplicate pairs) with a
+fixed seed, so every run of a suite sees the same data. "Liked" is rating ≥ 4.
+
+Preparation (generating, filtering to the most liked items, ingesting) is
+shared by both sides of a suite and is never part of a timed measurement.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from mf_dist.cluster import open_client
+from mf_dist.ingest import ingest_ratings
+from mf_dist.synthetic import synthetic_ratings, write_partitions
+
+ScaleName = Literal["tiny", "small", "ml20m"]
+LIKE_THRESHOLD = 4.0
+DATA_SEED = 20
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The shape of one benchmark data set and the block size the pipeline uses on it."""
+
+    name: ScaleName
+    n_ratings: int
+    n_users: int
+    n_items: int
+    block_size: int
+
+
+SCALES: dict[str, Scale] = {
+    # Seconds: enough for CI to prove every suite runs end to end.
+    "tiny": Scale("tiny", 30_000, 600, 1_000, 128),
+    # A tenth of ML-20M's ratings on a tenth of its users and ~37% of its items.
+    "small": Scale("small", 2_000_000, 13_850, 10_000, 2048),
+    # MovieLens 20M's shape: 138,493 users × 26,744 items, 20,000,263 ratings.
+    "ml20m": Scale("ml20m", 20_000_263, 138_493, 26_744, 4096),
+}
+
+
+def ratings_dir(cache_dir: Path, scale: Scale) -> Path:
+    """Generate (once) the scale's ratings as Parquet files; later calls reuse them."""
+    directory = cache_dir / scale.name / "ratings"
+    if not directory.exists():
+        frame = synthetic_ratings(
+            scale.n_ratings, n_users=scale.n_users, n_items=scale.n_items, seed=DATA_SEED
+        )
+        partial = directory.with_name("ratings.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_partitions(frame, partial, n_files=8)
+        partial.rename(directory)
+    return directory
+
+
+def most_liked_items_dir(cache_dir: Path, scale: Scale, n_items: int) -> Path:
+    """The likes of the ``n_items`` most liked items only (ties by id), as Parquet.
+
+    The suites that fit X restricted to popular items (``nmf``,
+    ``cooccurrence-embedding``) ingest this, so both sides see the same X.
+    """
+    directory = cache_dir / scale.name / f"top{n_items}"
+    if not directory.exists():
+        frame = pd.read_parquet(ratings_dir(cache_dir, scale))
+        liked = frame[frame["rating"] >= LIKE_THRESHOLD]
+        counts = liked["item_id"].value_counts()
+        ranked = counts.sort_index().sort_values(ascending=False, kind="stable")
+        keep = ranked.index[:n_items].to_numpy()
+        partial = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_partitions(liked[np.isin(liked["item_id"].to_numpy(), keep)], partial, n_files=4)
+        partial.rename(directory)
+    return directory
+
+
+def prepared_work_dir(
+    cache_dir: Path, scale: Scale, input_dir: Path, *, holdout: float, workers: int
+) -> Path:
+    """Ingest ``input_dir`` (likes at rating ≥ 4, the scale's block size) into a fresh work directory.
+
+    ``holdout`` > 0 keeps that share out by the pipeline's own hashed split;
+    the reference side reads the same training and held-out blocks. Returns
+    the work directory (its ingest summary: :func:`~mf_dist.ingest.load_ingest_result`).
+    """
+    work_dir = cache_dir / scale.name / f"work-{input_dir.name}-holdout{holdout:g}"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    with open_client(workers=workers) as client:
+        ingest_ratings(
+            client,
+            str(input_dir),
+            work_dir,
+            like_threshold=LIKE_THRESHOLD,
+            block_size=scale.block_size,
+            holdout=holdout,
+            seed=0,
+        )
+    return work_dir

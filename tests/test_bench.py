@@ -1,0 +1,115 @@
+"""``mf-dist bench``: the command runs each suite whose reference is installed, and its parts are right."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from mf_dist.bench.data import SCALES
+from mf_dist.bench.suites import SUITES, relative_frobenius_error
+from mf_dist.cluster import visible_gpu_count
+from mf_dist.synthetic import synthetic_ratings
+from tests.conftest import REPO
+
+
+def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mf_dist.cli", "bench", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PYTHONPATH": str(REPO), **__import__("os").environ},
+    )
+
+
+def _available(suite: str) -> bool:
+    chosen = SUITES[suite]
+    return chosen.reference_unavailable() is None and chosen.ours_unavailable() is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "suite",
+    [
+        "cooccurrence",
+        "cooccurrence-embedding",
+        pytest.param(
+            "nmf", marks=pytest.mark.skipif(not _available("nmf"), reason="nmf reference or trainer missing")
+        ),
+        pytest.param(
+            "implicit-als",
+            marks=pytest.mark.skipif(not _available("implicit-als"), reason="implicit is not installed"),
+        ),
+    ],
+)
+def test_bench_suite_runs_both_sides_and_writes_json(suite, tmp_path):
+    out = tmp_path / "out.json"
+    completed = _bench(
+        suite, "--scale", "tiny", "--json", str(out), "--cache-dir", str(tmp_path), cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    report = json.loads(out.read_text())
+    assert report["suites"], report
+    for result in report["suites"]:
+        assert result["failed"] is None and result["unavailable"] is None, result
+        for side in ("ours", "reference"):
+            measured = result[side]
+            assert measured is not None, (suite, side)
+            assert math.isfinite(measured["seconds"]) and measured["seconds"] > 0
+            assert math.isfinite(measured["quality"])
+            assert measured["peak_process_bytes"] > 0
+            assert measured["peak_total_bytes"] >= measured["peak_process_bytes"]
+        if suite == "cooccurrence":
+            # Both sides compute the same X exactly.
+            assert result["ours"]["quality"] == pytest.approx(result["reference"]["quality"], rel=1e-12)
+            assert (
+                result["ours"]["details"]["nnz_offdiagonal"]
+                == result["reference"]["details"]["nnz_offdiagonal"]
+            )
+    assert suite in completed.stdout
+
+
+def test_unknown_suite_is_one_line_error(tmp_path):
+    completed = _bench("no-such-suite", "--scale", "tiny", cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "unknown bench suite 'no-such-suite'" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.skipif(visible_gpu_count() > 0, reason="a GPU is visible here")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    completed = _bench("cooccurrence", "--scale", "tiny", "--device", "cuda", cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "no GPU is visible" in completed.stderr
+
+
+def test_ml20m_scale_has_the_movielens_shape():
+    ml20m = SCALES["ml20m"]
+    assert (ml20m.n_users, ml20m.n_items, ml20m.n_ratings) == (138_493, 26_744, 20_000_263)
+
+
+def test_tiny_scale_data_is_fixed_and_well_formed():
+    tiny = SCALES["tiny"]
+    first = synthetic_ratings(tiny.n_ratings, n_users=tiny.n_users, n_items=tiny.n_items, seed=20)
+    again = synthetic_ratings(tiny.n_ratings, n_users=tiny.n_users, n_items=tiny.n_items, seed=20)
+    assert first.equals(again)
+    assert len(first) == tiny.n_ratings
+    assert not first.duplicated(["user_id", "item_id"]).any()
+    assert set(np.unique(first["rating"] * 2)) <= set(range(1, 11))
+    assert first.groupby("user_id").size().min() >= 20
+
+
+def test_relative_frobenius_error_matches_dense():
+    rng = np.random.default_rng(0)
+    x = sp.random(60, 50, density=0.2, random_state=1, format="csr") * 10
+    w, h = rng.random((60, 4)), rng.random((50, 4))
+    dense = np.linalg.norm(x.toarray() - w @ h.T) / np.linalg.norm(x.toarray())
+    assert relative_frobenius_error(x.tocsr(), w, h) == pytest.approx(dense, rel=1e-10)

@@ -88,8 +88,10 @@ class SideFailedError(RuntimeError):
 def run_side_process(context: SideContext, side: SideName, scratch: Path) -> SideResult:
     """Run one side in a child interpreter and read back its :class:`SideResult`."""
     scratch.mkdir(parents=True, exist_ok=True)
-    context_path = scratch / f"{context.suite}-{side}-context.json"
-    result_path = scratch / f"{context.suite}-{side}-result.json"
+    # One pair of files per variant: implicit-als runs k = 64 and k = 128 in one command.
+    name = "-".join([context.suite, *(f"{key}{value}" for key, value in context.variant.items()), side])
+    context_path = scratch / f"{name}-context.json"
+    result_path = scratch / f"{name}-result.json"
     result_path.unlink(missing_ok=True)
     context_path.write_text(context.model_dump_json())
     completed = subprocess.run(

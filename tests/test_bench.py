@@ -35,18 +35,26 @@ def _available(suite: str) -> bool:
     return chosen.reference_unavailable() is None and chosen.ours_unavailable() is None
 
 
-@pytest.mark.slow
+# The co-occurrence suite runs on every CI run (it proves `mf-dist bench` works
+# end to end); the others start more clusters and are in the slow tier.
 @pytest.mark.parametrize(
     "suite",
     [
         "cooccurrence",
-        "cooccurrence-embedding",
+        pytest.param("cooccurrence-embedding", marks=pytest.mark.slow),
         pytest.param(
-            "nmf", marks=pytest.mark.skipif(not _available("nmf"), reason="nmf reference or trainer missing")
+            "nmf",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(not _available("nmf"), reason="nmf reference or trainer missing"),
+            ],
         ),
         pytest.param(
             "implicit-als",
-            marks=pytest.mark.skipif(not _available("implicit-als"), reason="implicit is not installed"),
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(not _available("implicit-als"), reason="implicit is not installed"),
+            ],
         ),
     ],
 )

@@ -15,8 +15,6 @@ from mf_dist.export import export_tables
 from mf_dist.ingest import ingest_ratings
 from mf_dist.train import train_factors
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.mark.parametrize("solver", ["als", "gradient"])
 def test_movielens_100k_holdout_rmse(client, tmp_path, movielens_100k, solver):

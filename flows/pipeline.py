@@ -31,7 +31,15 @@ from prefect.states import State
 from pydantic import BaseModel
 
 from flows.artifacts import publish_loss_artifacts
-from flows.stage_cache import STAGES_DIR, StageKeyPolicy, clear_stamp, stage_key, stamp_matches, write_stamp
+from flows.stage_cache import (
+    STAGES_DIR,
+    StageKeyPolicy,
+    clear_stamp,
+    stage_key,
+    stamp_matches,
+    stored_result_is_json,
+    write_stamp,
+)
 from mf_dist.cluster import open_client
 from mf_dist.config import RunConfig
 from mf_dist.cooccur import CooccurrenceResult, cooccurrence_blocks
@@ -43,6 +51,7 @@ from mf_dist.ingest import IngestResult, ingest_ratings
 from mf_dist.input_files import input_fingerprint, list_input_files
 from mf_dist.memory_monitor import PeakMemoryMonitor
 from mf_dist.neighbors import NeighborsResult, item_neighbors
+from mf_dist.output_lock import exclusive_run, remove_debris
 from mf_dist.train import train_factors
 
 Result = TypeVar("Result")
@@ -137,6 +146,8 @@ def ingest_arguments(config: RunConfig) -> dict[str, Any]:
         "rating_col": config.rating_col,
         "timestamp_col": config.timestamp_col,
         "like_threshold": config.like_threshold,
+        "rating_min": config.rating_min,
+        "rating_max": config.rating_max,
         "duplicates": config.duplicates,
         "block_size": config.block_size,
         # The split depends on the seed only when there is one.
@@ -265,13 +276,18 @@ def stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
     retry = {"retries": config.retries, "retry_delay_seconds": config.retry_delay_seconds}
     if not config.cache:
         return {**retry, "cache_policy": NO_CACHE}
+    storage = config.resolved_work_dir.resolve() / STAGES_DIR / "results"
     return {
         **retry,
         # Results live beside the work directory they describe: a cache
         # entry is never found on a host that cannot see those files.
-        "result_storage": config.resolved_work_dir.resolve() / STAGES_DIR / "results",
+        "result_storage": storage,
         "persist_result": True,
-        "refresh_cache": not stamp_matches(config.resolved_work_dir, stage, key),
+        # JSON, never pickle: these files are read back from disk on a cache hit.
+        "result_serializer": "json",
+        "refresh_cache": not (
+            stamp_matches(config.resolved_work_dir, stage, key) and stored_result_is_json(storage, key)
+        ),
     }
 
 
@@ -285,12 +301,19 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
     )
     work_dir = config.resolved_work_dir
     fingerprint = input_fingerprint(list_input_files(config.input))
-    with open_client(
-        workers=config.workers,
-        threads_per_worker=config.threads_per_worker,
-        scheduler=config.scheduler,
-        cluster=config.cluster,
-    ) as client:
+    # One run at a time per output and work directory (see mf_dist.output_lock);
+    # taken first, so that an unwritable or busy output fails before any work.
+    with (
+        exclusive_run(config.output, work_dir, purpose=f"run {run_id}"),
+        open_client(
+            workers=config.workers,
+            threads_per_worker=config.threads_per_worker,
+            scheduler=config.scheduler,
+            cluster=config.cluster,
+        ) as client,
+    ):
+        for leftover in remove_debris(config.output):
+            logger.info("removed %s, left by an interrupted run", leftover)
         scheduler = client.scheduler.address
         n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
         logger.info("Dask scheduler %s with %d workers", scheduler, n_workers)

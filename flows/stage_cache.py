@@ -93,3 +93,23 @@ def write_stamp(work_dir: str | Path, stage: str, key: str) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.write_text(key + "\n")
     partial.replace(path)
+
+
+def stored_result_is_json(storage: str | Path, key: str) -> bool:
+    """Whether the result Prefect stored for ``key`` (if any) may be read back without unpickling.
+
+    Prefect deserialises a stored result with the serializer its record
+    names, not the one the task asks for: a record saying ``pickle`` (an
+    older run's, or one planted in a shared work directory) would be
+    unpickled on a cache hit. Such a record is treated as absent (the stage
+    runs again and overwrites it). The check parses the record as JSON only.
+    """
+    path = Path(storage) / key
+    try:
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    serializer = record.get("metadata", {}).get("serializer", {}) if isinstance(record, dict) else {}
+    return isinstance(serializer, dict) and serializer.get("type") == "json"

@@ -34,6 +34,7 @@ from mf_dist.config import (
 )
 from mf_dist.errors import MfDistError
 from mf_dist.input_files import check_schemas, list_input_files
+from mf_dist.output_lock import exclusive_run
 from mf_dist.progress import pipeline_progress
 
 if TYPE_CHECKING:
@@ -64,8 +65,10 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress ba
 
 
 def _run(config: RunConfig) -> PipelineSummary:
-    # Reading the footers takes milliseconds; a wrong path or column should
-    # not wait for a Prefect server and a cluster to start.
+    # Reading the footers takes milliseconds; a wrong path or column, an
+    # unwritable output or one another run is writing should not wait for a
+    # Prefect server and a cluster to start. (The flow takes the lock again
+    # for the whole run.)
     check_schemas(
         list_input_files(config.input),
         user_col=config.user_col,
@@ -73,6 +76,8 @@ def _run(config: RunConfig) -> PipelineSummary:
         rating_col=config.rating_col,
         timestamp_col=config.timestamp_col,
     )
+    with exclusive_run(config.output, config.resolved_work_dir, purpose="checking the output"):
+        pass
     from flows.pipeline import factorization_pipeline
 
     return factorization_pipeline(config)
@@ -131,6 +136,12 @@ def run(
     ] = None,
     like_threshold: Annotated[
         Optional[float], typer.Option(help="Rating >= T counts as liked (default: every rating).")
+    ] = None,
+    rating_min: Annotated[
+        Optional[float], typer.Option(help="Refuse input with a rating below this (default: no bound).")
+    ] = None,
+    rating_max: Annotated[
+        Optional[float], typer.Option(help="Refuse input with a rating above this (default: no bound).")
     ] = None,
     block_size: Annotated[Optional[int], typer.Option(help="Users or items per block.")] = None,
     seed: SeedOption = None,

@@ -17,8 +17,18 @@ from distributed.scheduler import Scheduler
 from mf_dist.cluster_settings import ClusterSettings
 from mf_dist.errors import ConfigError
 
+# A Dask scheduler always starts an HTTP server (health, metrics and info
+# routes, whatever ``dashboard`` says), on ``dashboard_address`` or else on
+# port 8787 of the scheduler's host. Naming a loopback address with port 0
+# keeps it off the network and off a well-known port another user's
+# cluster may hold; ``dashboard=False`` keeps the Bokeh dashboard off it.
+SCHEDULER_HTTP_ADDRESS = "127.0.0.1:0"
+
 # The scheduler of a cluster started here listens on loopback only, without a dashboard.
-LOOPBACK_SCHEDULER = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}}
+LOOPBACK_SCHEDULER = {
+    "cls": Scheduler,
+    "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": SCHEDULER_HTTP_ADDRESS},
+}
 
 
 def visible_gpu_count() -> int:
@@ -86,6 +96,7 @@ def open_client(
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP_ADDRESS},
         ) as local_cluster,
         Client(local_cluster) as client,
     ):

@@ -91,6 +91,28 @@ class SlurmSettings(BaseModel):
         3600, ge=1, description="How long to wait for every worker job to start (queue time included)."
     )
 
+    @field_validator(
+        "queue",
+        "account",
+        "walltime",
+        "memory",
+        "gpu_directive",
+        "interface",
+        "python",
+        "extra_directives",
+        "log_directory",
+        "local_directory",
+    )
+    @classmethod
+    def _one_line(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # These land in #SBATCH lines and in the worker's command line of the
+        # generated job script: a newline would start a shell command of its
+        # own. (job_script_prologue is shell lines by design.)
+        for text in [value] if isinstance(value, str) else value or []:
+            if any(ord(character) < 32 or ord(character) == 127 for character in text):
+                raise ValueError(f"must be one line without control characters (got {text!r})")
+        return value
+
     @field_validator("gpu_directive")
     @classmethod
     def _directive_names_gpus(cls, value: str) -> str:

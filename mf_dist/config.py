@@ -7,6 +7,7 @@ with a :class:`~mf_dist.errors.ConfigError` naming the key.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
 from pathlib import Path
@@ -156,6 +157,12 @@ class RunConfig(BaseModel):
     like_threshold: float | None = Field(
         None, description="A rating >= this counts as 'liked' in S; unset: every rating."
     )
+    rating_min: float | None = Field(
+        None, description="Reject input with a rating below this (e.g. 1 for 1-5 stars); unset: no bound."
+    )
+    rating_max: float | None = Field(
+        None, description="Reject input with a rating above this (e.g. 5 for 1-5 stars); unset: no bound."
+    )
     duplicates: DuplicatePolicy = Field(
         "auto",
         description=(
@@ -197,6 +204,21 @@ class RunConfig(BaseModel):
     def _paths_differ(self) -> RunConfig:
         if Path(self.output).resolve() == Path(self.input).resolve():
             raise ValueError("output must differ from input")
+        # Input directories are read recursively: tables or work files written
+        # inside one would be read back as ratings by the next run.
+        source = input_directory(self.input)
+        for name, path in (("output", self.output), ("work_dir", self.work_dir)):
+            if path is not None and Path(path).resolve().is_relative_to(source):
+                raise ValueError(
+                    f"{name} {path!r} is inside the input directory {str(source)!r}, whose files are all "
+                    f"read as ratings; choose an {name} outside it"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _rating_range_is_a_range(self) -> RunConfig:
+        if self.rating_min is not None and self.rating_max is not None and self.rating_min > self.rating_max:
+            raise ValueError(f"rating_min {self.rating_min} is above rating_max {self.rating_max}")
         return self
 
     @model_validator(mode="after")
@@ -263,6 +285,16 @@ class RunConfig(BaseModel):
     @property
     def resolved_work_dir(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(self.output) / "_work"
+
+
+def input_directory(path: str) -> Path:
+    """The directory whose files an input path may read: a directory itself, a glob's fixed prefix.
+
+    For a single file it is the file itself (nothing can be written inside it).
+    """
+    parts = Path(path).parts
+    fixed = list(itertools.takewhile(lambda part: not set(part) & set("*?["), parts))
+    return Path(*fixed).resolve() if fixed else Path.cwd()
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

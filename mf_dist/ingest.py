@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from distributed import Client
+from distributed import Client, wait
 from pydantic import BaseModel
 
 from mf_dist.blocks import BlockGrid
@@ -39,6 +40,9 @@ from mf_dist.schema import INGEST_DIR, RATINGS_SCHEMA, ratings_block_name
 logger = logging.getLogger(__name__)
 
 DuplicatePolicy = Literal["auto", "last", "sum", "mean", "error"]
+
+# The largest id the pipeline keeps (ids are int64 from ingest on).
+INT64_MAX = np.iinfo(np.int64).max
 
 
 class IngestResult(BaseModel):
@@ -97,6 +101,7 @@ class PartitionScan:
     user_counts: pd.Series = field(default_factory=lambda: pd.Series(dtype="int64"))
     item_counts: pd.Series = field(default_factory=lambda: pd.Series(dtype="int64"))
     item_likes: pd.Series = field(default_factory=lambda: pd.Series(dtype="int64"))
+    highest_rating: float = -np.inf
 
 
 def liked_mask(ratings: np.ndarray, like_threshold: float | None) -> np.ndarray:
@@ -123,9 +128,16 @@ def _ratings_of(frame: pd.DataFrame, columns: InputColumns) -> np.ndarray:
 
 
 def scan_partition(
-    frame: pd.DataFrame, file: str, columns: InputColumns, like_threshold: float | None
+    frame: pd.DataFrame,
+    file: str,
+    columns: InputColumns,
+    like_threshold: float | None,
+    rating_range: tuple[float | None, float | None] = (None, None),
 ) -> PartitionScan:
-    """Validate one input file's rows and count ratings and likes per id."""
+    """Validate one input file's rows and count ratings and likes per id.
+
+    ``rating_range`` is the configured (``rating_min``, ``rating_max``); either may be None.
+    """
     for column in (columns.user, columns.item):
         nulls = frame[column].isna().to_numpy()
         if nulls.any():
@@ -147,6 +159,19 @@ def scan_partition(
                         value=int(values.iloc[row]),
                     )
                 )
+            # uint64 ids above 2**63 - 1 would wrap around to negative int64 ids.
+            overflowing = (values > INT64_MAX).to_numpy() if values.dtype == np.uint64 else None
+            if overflowing is not None and overflowing.any():
+                row = _first_bad_row(overflowing)
+                return PartitionScan(
+                    problem=InputError(
+                        f"ids must fit in a signed 64-bit integer (at most {INT64_MAX})",
+                        file=file,
+                        column=column,
+                        row=row,
+                        value=int(values.iloc[row]),
+                    )
+                )
     ratings = _ratings_of(frame, columns)
     bad = ~np.isfinite(ratings)
     if bad.any():
@@ -154,6 +179,25 @@ def scan_partition(
         return PartitionScan(
             problem=InputError(
                 f"ratings must be finite numbers ({int(bad.sum())} rows are not)",
+                file=file,
+                column=columns.rating,
+                row=row,
+                value=float(ratings[row]),
+            )
+        )
+    low, high = rating_range
+    outside = np.zeros(len(ratings), dtype=bool)
+    if low is not None:
+        outside |= ratings < low
+    if high is not None:
+        outside |= ratings > high
+    if outside.any():
+        row = _first_bad_row(outside)
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        return PartitionScan(
+            problem=InputError(
+                f"rating outside the configured range {bounds} ({int(outside.sum())} rows are); "
+                "fix the data or change rating_min/rating_max",
                 file=file,
                 column=columns.rating,
                 row=row,
@@ -176,6 +220,7 @@ def scan_partition(
         user_counts=users.value_counts(sort=False),
         item_counts=items.value_counts(sort=False),
         item_likes=items[liked].value_counts(sort=False),
+        highest_rating=float(ratings.max()) if len(ratings) else -np.inf,
     )
 
 
@@ -353,13 +398,32 @@ def finalise_block(
     )
 
 
+def _read_error(error: BaseException, file: str) -> BaseException:
+    """The error to raise for a file whose rows could not be read.
+
+    Arrow's decoding errors (a footer that reads but corrupt pages behind it)
+    become an :class:`InputError` naming the file. Errors with an errno (an
+    I/O error of the filesystem, a file deleted meanwhile) may pass, so they
+    stay as they are and the stage can be retried.
+    """
+    decoding = isinstance(error, pa.ArrowException) or (isinstance(error, OSError) and error.errno is None)
+    if decoding and not isinstance(error, InputError):
+        return InputError(f"cannot read the rows (corrupt data pages?): {error}", file=file)
+    return error
+
+
 def _plain(value: object) -> object:
     """A numpy scalar as the Python value it holds, for readable messages."""
     return value.item() if isinstance(value, np.generic) else value
 
 
-def resolve_duplicate_policy(policy: DuplicatePolicy, columns: InputColumns) -> DuplicatePolicy:
-    """The concrete policy for ``auto``, checked against the columns there are."""
+def resolve_duplicate_policy(
+    policy: DuplicatePolicy, columns: InputColumns, timestamp_col: str | None = None
+) -> DuplicatePolicy:
+    """The concrete policy for ``auto``, checked against the columns there are.
+
+    ``timestamp_col`` is the configured timestamp column, named when it is missing.
+    """
     if policy == "auto":
         if columns.timestamp is not None:
             return "last"
@@ -368,7 +432,7 @@ def resolve_duplicate_policy(policy: DuplicatePolicy, columns: InputColumns) -> 
         raise InputError(
             "duplicates='last' needs a timestamp column to tell which rating is the last; "
             "set --timestamp-col or choose sum, mean or error",
-            column=columns.timestamp,
+            column=columns.timestamp or timestamp_col,
         )
     return policy
 
@@ -387,6 +451,8 @@ def ingest_ratings(
     block_size: int = 4096,
     holdout: float = 0.0,
     seed: int = 0,
+    rating_min: float | None = None,
+    rating_max: float | None = None,
 ) -> IngestResult:
     """Run the ingest stage on the cluster of ``client``; see the module docstring.
 
@@ -394,14 +460,16 @@ def ingest_ratings(
     evaluation, chosen by a hash of (user, item, seed), under ``holdout/``;
     every later stage trains on the rest.
 
-    Raises :class:`InputError` naming file, column and row for bad input; in
-    that case nothing is left in the work directory's ingest folder.
+    Raises :class:`InputError` naming file, column and row for bad input
+    (including a rating outside [``rating_min``, ``rating_max``], no rating
+    reaching ``like_threshold``, or a single user or item); in that case
+    nothing is left in the work directory's ingest folder.
     """
     files = list_input_files(input_path)
     columns = check_schemas(
         files, user_col=user_col, item_col=item_col, rating_col=rating_col, timestamp_col=timestamp_col
     )
-    policy = resolve_duplicate_policy(duplicates, columns)
+    policy = resolve_duplicate_policy(duplicates, columns, timestamp_col)
     directory = Path(work_dir) / INGEST_DIR
     if directory.exists():
         shutil.rmtree(directory)
@@ -412,7 +480,17 @@ def ingest_ratings(
     split = HoldoutSplit(holdout, seed) if holdout > 0 else None
     try:
         result = _ingest(
-            client, files, columns, policy, directory, staging, ratings_dir, like_threshold, block_size, split
+            client,
+            files,
+            columns,
+            policy,
+            directory,
+            staging,
+            ratings_dir,
+            like_threshold,
+            block_size,
+            split,
+            rating_range=(rating_min, rating_max),
         )
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -433,25 +511,38 @@ def _ingest(
     like_threshold: float | None,
     block_size: int,
     holdout: HoldoutSplit | None = None,
+    rating_range: tuple[float | None, float | None] = (None, None),
 ) -> IngestResult:
     frame = dd.read_parquet(files, columns=columns.names, split_row_groups=False)
     partitions = frame.to_delayed()
     if len(partitions) != len(files):
         raise RuntimeError(f"expected one partition per file, got {len(partitions)} for {len(files)}")
 
-    scans: list[PartitionScan] = client.gather(
-        client.compute(
-            [
-                dask.delayed(scan_partition)(part, file, columns, like_threshold)
-                for part, file in zip(partitions, files, strict=True)
-            ]
-        )
+    scan_futures = client.compute(
+        [
+            dask.delayed(scan_partition)(part, file, columns, like_threshold, rating_range)
+            for part, file in zip(partitions, files, strict=True)
+        ]
     )
+    wait(scan_futures)
+    for future, file in zip(scan_futures, files, strict=True):
+        if future.status == "error":
+            raise _read_error(future.exception(), file)
+    scans: list[PartitionScan] = client.gather(scan_futures)
     for scan in scans:
         if scan.problem is not None:
             raise scan.problem
+    source = os.path.commonpath(files)
     if sum(scan.n_rows for scan in scans) == 0:
-        raise InputError("the input has no rows", file=files[0] if len(files) == 1 else None)
+        raise InputError(f"the input has no rows: {len(files)} Parquet file(s), all empty", file=source)
+    if like_threshold is not None and sum(int(scan.item_likes.sum()) for scan in scans) == 0:
+        highest = max(scan.highest_rating for scan in scans)
+        raise InputError(
+            f"no rating reaches the like threshold {like_threshold} (the highest is {highest:g}), so "
+            "nothing counts as liked; lower --like-threshold",
+            file=source,
+            column=columns.rating,
+        )
 
     user_index = pd.Index(
         pd.concat([s.user_counts for s in scans]).groupby(level=0).sum().index.sort_values()
@@ -467,6 +558,15 @@ def _ingest(
         ["likes", "ratings", "id"], ascending=[False, False, True], kind="stable"
     )
     item_index = pd.Index(item_order["id"].to_numpy())
+    for side, index, column in (("user", user_index, columns.user), ("item", item_index, columns.item)):
+        if len(index) < 2:
+            raise InputError(
+                f"every rating has the same {side}, so there is nothing to factorize; "
+                f"the input needs at least two {side}s",
+                file=source,
+                column=column,
+                value=_plain(index[0]),
+            )
     logger.info("ingest: %d files, %d users, %d items", len(files), len(user_index), len(item_index))
 
     [user_index_future, item_index_future] = client.scatter([user_index, item_index], broadcast=True)

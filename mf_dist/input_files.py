@@ -87,6 +87,12 @@ def check_schemas(
         try:
             schemas.append(pq.read_schema(file))
         except (pa.ArrowInvalid, OSError) as exc:
+            if not _starts_like_parquet(file):
+                raise InputError(
+                    "not a Parquet file (it does not begin with the Parquet magic bytes PAR1); "
+                    "remove it from the input directory or point --input at the Parquet files only",
+                    file=file,
+                ) from exc
             raise InputError(
                 f"not a readable Parquet file (truncated or corrupt?): {exc}", file=file
             ) from exc
@@ -145,6 +151,14 @@ def check_schemas(
         user_id_type=normalised(id_types[user_col][0]),
         item_id_type=normalised(id_types[item_col][0]),
     )
+
+
+def _starts_like_parquet(file: str) -> bool:
+    try:
+        with open(file, "rb") as handle:
+            return handle.read(4) == b"PAR1"
+    except OSError:
+        return False
 
 
 def _is_rating_type(data_type: pa.DataType) -> bool:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
 
+from mf_dist.cluster import SCHEDULER_HTTP_ADDRESS
 from mf_dist.synthetic import synthetic_ratings, write_partitions
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -25,6 +26,7 @@ def start_client(workers: int) -> tuple[LocalCluster, Client]:
         processes=True,
         host="127.0.0.1",
         dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP_ADDRESS},
     )
     return cluster, Client(cluster)
 

@@ -41,9 +41,15 @@ def neighbors(
     # Imported here: torch and Dask take seconds to import, and `mf-dist --help` should not wait.
     from mf_dist.cluster import open_client
     from mf_dist.neighbors import item_neighbors
+    from mf_dist.output_lock import exclusive_directory
+    from mf_dist.reader import resolve_run_dir
 
     started = time.perf_counter()
+    # A pipeline run starting on this output would otherwise take our
+    # half-written table for debris of a killed run (see mf_dist.output_lock).
+    target = output if output is not None else resolve_run_dir(path, "items").parents[2]
     with (
+        exclusive_directory(target, purpose="mf-dist neighbors"),
         open_client(workers=workers or max(1, min(os.cpu_count() or 1, 8)), scheduler=scheduler) as client,
         count_progress(console, "neighbours", "blocks", quiet=quiet) as on_block,
     ):

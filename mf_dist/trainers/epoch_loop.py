@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 EpochCallback = Callable[[EpochRecord], None]
 
+# A loss this many times the first one measured is divergence. Adam and
+# Adagrad bound every step, so a learning rate far too large (the config
+# allows up to 10) makes the loss jump by orders of magnitude and oscillate
+# there without ever becoming non-finite; healthy runs never rise 1000-fold.
+DIVERGENCE_FACTOR = 1000.0
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -78,8 +84,9 @@ def run_epochs(
 
     Early stop: when an epoch lowers the loss by less than ``tolerance`` times
     the previous loss (a rise does not stop it: gradient solvers may climb
-    briefly). Raises :class:`TrainingError` on a non-finite loss, naming the
-    epoch and the setting to change.
+    briefly). Raises :class:`TrainingError` on a non-finite loss, or one
+    above :data:`DIVERGENCE_FACTOR` times the first loss, naming the epoch and
+    the setting to change.
     """
     history = list(resumed.history) if resumed else []
     first = resumed.epoch + 1 if resumed else 1
@@ -89,6 +96,12 @@ def run_epochs(
         if not math.isfinite(measurement.loss):
             raise TrainingError(
                 f"the {objective_name} became non-finite at epoch {measurement.epoch}: "
+                f"{model.divergence_advice()}"
+            )
+        if history and history[0].loss > 0 and measurement.loss > DIVERGENCE_FACTOR * history[0].loss:
+            raise TrainingError(
+                f"the {objective_name} diverged at epoch {measurement.epoch}: it rose from "
+                f"{history[0].loss:.4g} (epoch {history[0].epoch}) to {measurement.loss:.4g}; "
                 f"{model.divergence_advice()}"
             )
         entry = EpochRecord(

@@ -71,9 +71,9 @@ def test_popular_tiles_are_dense_and_tail_tiles_sparse(client, tmp_path, tiny_in
 
 
 def test_no_likes_is_a_clear_error(client, tmp_path, tiny_input):
-    ingest = ingest_ratings(client, str(tiny_input), tmp_path / "work", like_threshold=99.0)
+    """Caught at ingest, before any co-occurrence work is scheduled."""
     with pytest.raises(InputError, match=r"no rating reaches the like threshold 99\.0"):
-        cooccurrence_blocks(client, ingest, tmp_path / "work")
+        ingest_ratings(client, str(tiny_input), tmp_path / "work", like_threshold=99.0)
 
 
 def test_movielens_100k_equals_scipy(client, tmp_path, movielens_100k):

@@ -155,7 +155,7 @@ def ingest_arguments(config: RunConfig) -> dict[str, Any]:
     }
 
 
-@task(name="ingest", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient)
+@task(name="ingest", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient, result_serializer="json")
 def ingest_task(scheduler: str, config: RunConfig, stage_key: str) -> tuple[IngestResult, StageReport]:
     """Input Parquet → indexed ratings in the work directory."""
     work_dir = config.resolved_work_dir
@@ -171,7 +171,9 @@ def ingest_task(scheduler: str, config: RunConfig, stage_key: str) -> tuple[Inge
     )
 
 
-@task(name="cooccurrence", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient)
+@task(
+    name="cooccurrence", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient, result_serializer="json"
+)
 def cooccurrence_task(
     scheduler: str, config: RunConfig, ingest: IngestResult, stage_key: str
 ) -> tuple[CooccurrenceResult, StageReport]:
@@ -187,7 +189,7 @@ def cooccurrence_task(
     )
 
 
-@task(name="train", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient)
+@task(name="train", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient, result_serializer="json")
 def train_task(scheduler: str, config: RunConfig, stage_key: str) -> tuple[TrainResult, StageReport]:
     """Ingested data (and co-occurrence tiles) → factor blocks in the work directory."""
     return _stamped("train", config.resolved_work_dir, stage_key, lambda: _train(scheduler, config))
@@ -209,7 +211,7 @@ def _train(scheduler: str, config: RunConfig) -> tuple[TrainResult, StageReport]
     )
 
 
-@task(name="export", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+@task(name="export", cache_policy=NO_CACHE, retry_condition_fn=is_transient, result_serializer="json")
 def export_task(
     scheduler: str,
     config: RunConfig,
@@ -233,14 +235,14 @@ def export_task(
     )
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", cache_policy=NO_CACHE, result_serializer="json")
 def evaluate_task(scheduler: str, ingest: IngestResult, trained: TrainResult) -> dict[str, float]:
     """Held-out metrics: RMSE/MAE for explicit ratings, recall@10/NDCG@10 of held-out likes otherwise."""
     with Client(scheduler, set_as_default=False) as client:
         return holdout_metrics(client, ingest, trained)
 
 
-@task(name="neighbors", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+@task(name="neighbors", cache_policy=NO_CACHE, retry_condition_fn=is_transient, result_serializer="json")
 def neighbors_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[NeighborsResult, StageReport]:
     items = Path(config.output) / "items"
     return _run_stage(
@@ -291,7 +293,10 @@ def stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
     }
 
 
-@flow(name="mf-dist-pipeline", validate_parameters=True)
+# Prefect writes the exception of every failed task or flow run to its result
+# storage (~/.prefect/storage by default), and reads it back when asked for
+# the run's result; JSON keeps that from ever being an unpickling.
+@flow(name="mf-dist-pipeline", validate_parameters=True, result_serializer="json")
 def factorization_pipeline(config: RunConfig) -> PipelineSummary:
     """Ratings Parquet in, published embedding tables out; see the module docstring."""
     logger = get_run_logger()

@@ -113,30 +113,42 @@ def cooccurrence_tile(
 def store_tile(
     tile: sp.csr_matrix, row_block: int, col_block: int, directory: str
 ) -> tuple[TileInfo, np.ndarray | None]:
-    """Write one tile in its layout; for a diagonal tile, return its diagonal apart."""
-    diagonal = None
-    tile = tile.tocoo()
-    if row_block == col_block:
-        diagonal = tile.diagonal().astype(np.int64)
-        off = tile.row != tile.col
-        tile = sp.coo_matrix((tile.data[off], (tile.row[off], tile.col[off])), shape=tile.shape)
-    tile.sum_duplicates()
-    counts = tile.data.astype(np.int64)
-    density = tile.nnz / max(1, tile.shape[0] * tile.shape[1])
+    """Write one tile in its layout; for a diagonal tile, return its diagonal apart.
+
+    ``tile`` is the product from :func:`cooccurrence_tile`: a sparse product
+    has no duplicate entries, so it is written as it comes, with no COO
+    round trip or ``sum_duplicates`` (which cost more than the product did).
+    """
+    tile = tile.tocsr()
+    on_diagonal = row_block == col_block
+    data = tile.data.astype(np.float64)
+    diagonal = tile.diagonal().astype(np.int64) if on_diagonal else None
+    on_diagonal_counts = np.zeros(0) if diagonal is None else diagonal.astype(np.float64)
+    nnz = int(np.count_nonzero(data)) - int(np.count_nonzero(on_diagonal_counts))
+    sum_of_squares = float(data @ data - on_diagonal_counts @ on_diagonal_counts)
+    density = nnz / max(1, tile.shape[0] * tile.shape[1])
     name = f"tile-{row_block:05d}-{col_block:05d}"
     if density > DENSE_TILE_DENSITY:
         layout = "dense"
         path = Path(directory) / f"{name}.npy"
-        np.save(path, tile.toarray().astype(np.int32), allow_pickle=False)
+        dense = tile.toarray().astype(np.int32, copy=False)
+        if on_diagonal:
+            np.fill_diagonal(dense, 0)
+        np.save(path, dense, allow_pickle=False)
     else:
         layout = "sparse"
         path = Path(directory) / f"{name}.parquet"
+        rows = np.repeat(np.arange(tile.shape[0], dtype=np.int32), np.diff(tile.indptr))
+        cols, counts = tile.indices, tile.data
+        keep = counts != 0
+        if on_diagonal:
+            keep &= rows != cols
         pq.write_table(
             pa.Table.from_arrays(
                 [
-                    pa.array(tile.row.astype(np.int32)),
-                    pa.array(tile.col.astype(np.int32)),
-                    pa.array(counts.astype(np.int32)),
+                    pa.array(rows[keep]),
+                    pa.array(cols[keep].astype(np.int32)),
+                    pa.array(counts[keep].astype(np.int32)),
                 ],
                 schema=TILE_SCHEMA,
             ),
@@ -147,8 +159,8 @@ def store_tile(
         col_block=col_block,
         layout=layout,
         path=str(path),
-        nnz=int(tile.nnz),
-        sum_of_squares=float((counts.astype(np.float64) ** 2).sum()),
+        nnz=nnz,
+        sum_of_squares=sum_of_squares,
     )
     return info, diagonal
 

@@ -71,27 +71,65 @@ def cg_update_rows(
     regularization: float,
     steps: int,
 ) -> Tensor:
-    """x_u by ``steps`` conjugate-gradient iterations started from the current ``row_vectors`` (n × k)."""
+    """x_u by ``steps`` conjugate-gradient iterations started from the current ``row_vectors`` (n × k).
+
+    ``rows`` (e,) int64 sorted ascending, ``cols`` (e,) int64 into ``col_vectors``
+    (m × k), ``values`` (e,) r_ui; ``col_gram`` YᵀY (k × k). Computes in
+    ``col_vectors``' dtype (float32 in training, float64 in the tests) and
+    returns (n × k) of that dtype.
+
+    Every matvec is one SDDMM (the e scores y_iᵀx_u) and one CSR × dense
+    product (Σ_i w_ui y_i), both on the same CSR pattern built once here, so
+    no e × k gathered copy of Y or X is ever made: the work is e·k
+    multiply-adds streaming the rows of Y, like the per-user loops of the
+    ``implicit`` library.
+    """
     dtype = col_vectors.dtype
-    features = col_vectors[cols]
+    n_rows, n_cols = len(row_vectors), len(col_vectors)
+    col_vectors = col_vectors.contiguous()
     weights = confidence(values.to(dtype), alpha)
-    gram = col_gram.to(dtype)
+    gram = col_gram.to(dtype) + regularization * torch.eye(
+        col_gram.shape[0], dtype=dtype, device=col_vectors.device
+    )
+    # One pattern for all steps: its values (all 1) are only a mask for the SDDMM.
+    pattern = normal_equations.csr_matrix(rows, cols, torch.ones_like(weights), n_rows, n_cols)
+    crow, pattern_cols = pattern.crow_indices(), pattern.col_indices()
+    extra = weights - 1
+    # Buffers reused by every matvec: Dask workers run with a 64 KiB
+    # MALLOC_TRIM_THRESHOLD_, under which every large tensor allocated and
+    # freed is a fresh mmap whose pages fault in again, which doubled the
+    # time of a block update before these were reused.
+    sampled = pattern.clone()
+    weighted_values = torch.empty_like(extra)
+    weighted = normal_equations.with_values(crow, pattern_cols, weighted_values, n_rows, n_cols)
+    applied = torch.empty(n_rows, col_vectors.shape[1], dtype=dtype, device=col_vectors.device)
 
     def matvec(x: Tensor) -> Tensor:
         # (YᵀY + λI) x_u + Σ_i (c_ui − 1)(y_iᵀx_u) y_i, without the per-row k × k matrix.
-        applied = x @ gram + regularization * x
-        along = (x[rows] * features).sum(dim=1) * (weights - 1)
-        return applied.index_add_(0, rows, features * along[:, None])
+        # Returns the same buffer every call: the CG consumes it before the next one.
+        torch.sparse.sampled_addmm(pattern, x, col_vectors.T, beta=0.0, out=sampled)
+        torch.mul(sampled.values(), extra, out=weighted_values)
+        torch.mm(weighted, col_vectors, out=applied)
+        return applied.addmm_(x, gram)
 
-    rhs = normal_equations.row_vector_sums(rows, features, weights, len(row_vectors))
+    # Yᵀ C_u p_u = Σ_liked c_ui y_i: p_u is 1 exactly on the liked entries.
+    rhs = normal_equations.with_values(crow, pattern_cols, weights, n_rows, n_cols) @ col_vectors
     return normal_equations.conjugate_gradient(matvec, rhs, row_vectors.to(dtype), steps)
 
 
 def liked_loss_terms(
     rows: Tensor, cols: Tensor, values: Tensor, row_vectors: Tensor, col_vectors: Tensor, alpha: float
 ) -> Tensor:
-    """Σ_liked [c (1 − s)² − s²] for one block's liked entries (float64 scalar)."""
-    scores = (row_vectors[rows].double() * col_vectors[cols].double()).sum(dim=1)
+    """Σ_liked [c (1 − s)² − s²] for one block's liked entries (float64 scalar).
+
+    ``rows`` (e,) sorted ascending into ``row_vectors`` (n × k), ``cols`` (e,)
+    into ``col_vectors`` (m × k). The scores come from one float64 SDDMM
+    (the factors are converted, n × k and m × k, never the e × k gathers).
+    """
+    x, y = row_vectors.double(), col_vectors.double()
+    ones = torch.ones(len(rows), dtype=x.dtype, device=x.device)
+    pattern = normal_equations.csr_matrix(rows, cols, ones, len(x), len(y))
+    scores = normal_equations.sampled_row_dots(pattern, x, y)
     weights = confidence(values.double(), alpha)
     return (weights * (1 - scores) ** 2 - scores**2).sum()
 

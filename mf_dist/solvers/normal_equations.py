@@ -77,6 +77,43 @@ def row_gram_sums(
     return gram.reshape(n_rows, k, k)
 
 
+def csr_matrix(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """The (n_rows × n_cols) sparse CSR matrix with ``values`` at (``rows``, ``cols``).
+
+    ``rows`` (e,) int64 must be sorted ascending; the entries keep their given
+    order, so ``.values()`` of the result (and of SDDMM results on it) lines
+    up with ``values`` entry by entry. Built from row counts in O(e): no sort.
+    """
+    counts = torch.bincount(rows, minlength=n_rows) if len(rows) else rows.new_zeros(n_rows)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    return with_values(crow, cols, values, n_rows, n_cols)
+
+
+def with_values(crow: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """A CSR matrix on an existing pattern (``crow`` (n_rows + 1,), ``cols`` (e,)) with new ``values`` (e,).
+
+    Shares the index tensors: no copy. The invariants were established when the
+    pattern was built, so they are not re-checked on every CG step.
+    """
+    return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+
+
+def sampled_row_dots(pattern: Tensor, row_vectors: Tensor, col_vectors: Tensor) -> Tensor:
+    """s_e = x_{r_e}ᵀ y_{c_e} for every entry e of the CSR ``pattern`` (SDDMM), in entry order (e,).
+
+    ``row_vectors`` (n × k) and ``col_vectors`` (m × k) of ``pattern``'s dtype.
+    ``torch.sparse.sampled_addmm`` computes only the sampled dot products and
+    never materialises the e × k gathered rows (≈50× faster on a CPU than
+    gathering both sides). It is given ``col_vectors.T`` as a transposed view of
+    the row-major (m × k) tensor, so that each dot product reads contiguous rows
+    (a contiguous k × m copy is >10× slower). ``pattern``'s own values are
+    multiplied by 0 (β = 0), so they must be finite.
+    """
+    sampled = torch.sparse.sampled_addmm(pattern, row_vectors, col_vectors.contiguous().T, beta=0.0)
+    return sampled.values()
+
+
 def row_vector_sums(rows: Tensor, features: Tensor, values: Tensor, n_rows: int) -> Tensor:
     """Σ_e v_e f_e grouped by row: (n_rows × k)."""
     total = torch.zeros(n_rows, features.shape[1], dtype=features.dtype, device=features.device)
@@ -108,20 +145,31 @@ def conjugate_gradient(
     """``steps`` batched conjugate-gradient iterations on A_r x_r = b_r from ``initial``.
 
     ``matvec(X)`` returns the rows A_r x_r for a batch X (n × k); A_r must be
-    symmetric positive definite. Rows whose residual vanishes stop moving.
+    symmetric positive definite. ``matvec`` may return the same buffer on
+    every call: each result is used up before the next call. Rows whose
+    residual vanishes stop moving. Returns a new (n × k) tensor.
+
+    The n × k iterates are updated in place and the row dot products go
+    through one scratch buffer: large temporaries are expensive on Dask
+    workers (see :func:`mf_dist.models.implicit.cg_update_rows`).
     """
     x = initial.clone()
     residual = rhs - matvec(x)
     direction = residual.clone()
-    squared = (residual * residual).sum(dim=1)
+    scratch = torch.empty_like(residual)
+
+    def row_dots(a: Tensor, b: Tensor) -> Tensor:
+        return torch.mul(a, b, out=scratch).sum(dim=1)
+
+    squared = row_dots(residual, residual)
     for _ in range(steps):
         applied = matvec(direction)
-        curvature = (direction * applied).sum(dim=1)
+        curvature = row_dots(direction, applied)
         alpha = torch.where(curvature > 0, squared / curvature.clamp_min(1e-30), torch.zeros_like(squared))
-        x = x + alpha[:, None] * direction
-        residual = residual - alpha[:, None] * applied
-        new_squared = (residual * residual).sum(dim=1)
+        x.addcmul_(alpha[:, None], direction)
+        residual.addcmul_(alpha[:, None], applied, value=-1)
+        new_squared = row_dots(residual, residual)
         beta = torch.where(squared > 0, new_squared / squared.clamp_min(1e-30), torch.zeros_like(squared))
-        direction = residual + beta[:, None] * direction
+        direction.mul_(beta[:, None]).add_(residual)
         squared = new_squared
     return x

@@ -123,13 +123,17 @@ def liked_loss_terms(
     """Σ_liked [c (1 − s)² − s²] for one block's liked entries (float64 scalar).
 
     ``rows`` (e,) sorted ascending into ``row_vectors`` (n × k), ``cols`` (e,)
-    into ``col_vectors`` (m × k). The scores come from one float64 SDDMM
-    (the factors are converted, n × k and m × k, never the e × k gathers).
+    into ``col_vectors`` (m × k). The scores come from one SDDMM in the
+    factors' own dtype (the e × k gathers are never made) and are summed in
+    float64. Float32 scores are off by ~1e-7 relative, which moves the loss by
+    far less than its float64 sum of ~10⁶ terms needs to stay exact; converting
+    the whole other side to float64 for every block cost more than the solve.
     """
-    x, y = row_vectors.double(), col_vectors.double()
-    ones = torch.ones(len(rows), dtype=x.dtype, device=x.device)
+    dtype = torch.promote_types(row_vectors.dtype, col_vectors.dtype)
+    x, y = row_vectors.to(dtype), col_vectors.to(dtype)
+    ones = torch.ones(len(rows), dtype=dtype, device=x.device)
     pattern = normal_equations.csr_matrix(rows, cols, ones, len(x), len(y))
-    scores = normal_equations.sampled_row_dots(pattern, x, y)
+    scores = normal_equations.sampled_row_dots(pattern, x, y).double()
     weights = confidence(values.double(), alpha)
     return (weights * (1 - scores) ** 2 - scores**2).sum()
 

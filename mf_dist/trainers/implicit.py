@@ -15,11 +15,14 @@ The loss after an epoch is the full Hu et al. objective (all pairs).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from distributed import Client, Future
 
+from mf_dist.blocks import BlockGrid
 from mf_dist.cluster import compute_device
 from mf_dist.config import TrainSettings
 from mf_dist.factor_files import FactorTable, block_seed
@@ -29,85 +32,153 @@ from mf_dist.solvers.gradient import RowBlock, optimizer_step
 from mf_dist.trainers.epoch_loop import Measurement
 from mf_dist.trainers.ratings_sides import (
     SideEntries,
-    block_gram,
+    balanced_row_ranges,
     concatenate_vectors,
+    entry_count,
     load_ratings_sides,
     random_row_block,
-    sum_tensors,
+    slice_rows,
 )
 
 INITIAL_SCALE = 0.01
 
 
+RowRange = tuple[int, int]
+
+# A block with more than this many times its side's mean entries per block is
+# cut into row pieces of about the mean (see ``ImplicitModel._pieces``).
+SPLIT_FACTOR = 1.25
+
+
 def als_block(
     entries: SideEntries,
     block: RowBlock,
-    other_gram: torch.Tensor,
+    rows: RowRange,
+    other: SideSummary,
     settings: TrainSettings,
-    *others: RowBlock,
-) -> RowBlock:
-    """Re-solve one block's rows given the other side (runs on a worker)."""
+    with_terms: bool,
+) -> tuple[RowBlock, float]:
+    """Re-solve rows ``[start, stop)`` of one block given the other side (runs on a worker).
+
+    ``entries`` are those rows' entries, row 0 being ``start``. Returns the new
+    rows (float32, CPU) and, when ``with_terms``, their liked loss terms
+    Σ [c (1 − s)² − s²] at the new vectors (else 0.0): computing them here
+    reuses the other side already fetched for the solve, instead of a second
+    round of tasks that fetch it again.
+    """
     device = compute_device(settings.device)
+    start, stop = rows
     args = (
         entries.rows.to(device),
         entries.cols.to(device),
         entries.values.to(device),
     )
-    other_vectors = concatenate_vectors(*others).to(device)
+    other_vectors = other.vectors.to(device)
     if settings.als_method == "cholesky":
         vectors = objective.exact_update_rows(
             *args,
             entries.n_rows,
             other_vectors,
-            other_gram.to(device),
+            other.gram.to(device),
             settings.alpha,
             settings.regularization,
         )
     else:
         vectors = objective.cg_update_rows(
             *args,
-            block.vectors.to(device),
+            block.vectors[start:stop].to(device),
             other_vectors,
-            other_gram.to(device),
+            other.gram.to(device),
             settings.alpha,
             settings.regularization,
             settings.cg_steps,
         )
-    return RowBlock(vectors=vectors.float().cpu())
+    vectors = vectors.float()
+    terms = _liked_terms(*args, vectors, other_vectors, settings.alpha) if with_terms else 0.0
+    return RowBlock(vectors=vectors.cpu()), terms
 
 
 def gradient_block(
     entries: SideEntries,
     block: RowBlock,
-    other_gram: torch.Tensor,
+    rows: RowRange,
+    other: SideSummary,
     settings: TrainSettings,
-    *others: RowBlock,
-) -> RowBlock:
-    """One optimiser step on one block's rows (runs on a worker)."""
+    with_terms: bool,
+) -> tuple[RowBlock, float]:
+    """One optimiser step on one whole block's rows (runs on a worker); returns as :func:`als_block`.
+
+    ``rows`` must be the whole block: the optimiser state is per block.
+    """
+    if rows != (0, block.n_rows):
+        raise ValueError(f"gradient steps take whole blocks, not rows {rows} of {block.n_rows}")
     device = compute_device(settings.device)
     vectors = block.vectors.to(device)
+    args = (entries.rows.to(device), entries.cols.to(device), entries.values.to(device))
+    other_vectors = other.vectors.to(device)
     gradient = objective.row_gradient(
-        entries.rows.to(device),
-        entries.cols.to(device),
-        entries.values.to(device),
+        *args,
         vectors,
-        concatenate_vectors(*others).to(device),
-        other_gram.to(device),
+        other_vectors,
+        other.gram.to(device),
         settings.alpha,
         settings.regularization,
     )
     updated, state = optimizer_step(
         vectors, gradient, block.state, settings.learning_rate, settings.optimizer
     )
-    return RowBlock(vectors=updated.cpu(), state=state)
+    terms = _liked_terms(*args, updated, other_vectors, settings.alpha) if with_terms else 0.0
+    return RowBlock(vectors=updated.cpu(), state=state), terms
 
 
-def liked_terms(entries: SideEntries, block: RowBlock, alpha: float, *others: RowBlock) -> float:
-    return float(
-        objective.liked_loss_terms(
-            entries.rows, entries.cols, entries.values, block.vectors, concatenate_vectors(*others), alpha
-        )
-    )
+def _liked_terms(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    vectors: torch.Tensor,
+    other_vectors: torch.Tensor,
+    alpha: float,
+) -> float:
+    return float(objective.liked_loss_terms(rows, cols, values, vectors, other_vectors, alpha))
+
+
+@dataclass
+class SideSummary:
+    """What a block update needs of the other side: vectors (m × k, float32), VᵀV (k × k, float64).
+
+    Built by one task per side and epoch (:func:`summarize_side`) and fetched
+    once per worker, instead of every block task fetching and concatenating
+    all the other side's blocks and a separate round of Gram tasks.
+    """
+
+    vectors: torch.Tensor
+    gram: torch.Tensor
+
+    def __sizeof__(self) -> int:
+        return self.vectors.nbytes + self.gram.nbytes + 64
+
+
+def summarize_side(*blocks: RowBlock) -> SideSummary:
+    """The :class:`SideSummary` of a side from its row blocks in order (runs on a worker)."""
+    vectors = concatenate_vectors(*blocks)
+    wide = vectors.double()
+    return SideSummary(vectors=vectors, gram=wide.T @ wide)
+
+
+def summary_gram(summary: SideSummary) -> torch.Tensor:
+    return summary.gram
+
+
+def join_rows(*pieces: tuple[RowBlock, float]) -> RowBlock:
+    """One block from the results of its row pieces, in row order (runs on a worker)."""
+    if len(pieces) == 1:
+        return pieces[0][0]
+    return RowBlock(vectors=torch.cat([block.vectors for block, _ in pieces]))
+
+
+def sum_terms(*pieces: tuple[RowBlock, float]) -> float:
+    """Σ of the pieces' liked loss terms, in piece order (deterministic)."""
+    return float(sum(terms for _, terms in pieces))
 
 
 class ImplicitModel:
@@ -125,11 +196,16 @@ class ImplicitModel:
         self.ingest = ingest
         self.settings = settings
         self.resources = resources
-        self.update: Callable[..., RowBlock] = als_block if settings.solver == "als" else gradient_block
+        self.update: Callable[..., tuple[RowBlock, float]] = (
+            als_block if settings.solver == "als" else gradient_block
+        )
         self.sides = load_ratings_sides(client, ingest, liked_only=True, resources=resources)
+        self.user_pieces = self._pieces(self.sides.users, ingest.user_grid)
+        self.item_pieces = self._pieces(self.sides.items, ingest.item_grid)
         initial = initial or {}
         self.users = initial.get("users") or self._random_blocks(ingest.user_grid, 0)
         self.items = initial.get("items") or self._random_blocks(ingest.item_grid, 1)
+        self.item_summary: Future | None = None
 
     def _submit(self, function: object, *args: object) -> Future:
         return self.client.submit(function, *args, resources=self.resources, pure=False)
@@ -147,33 +223,89 @@ class ImplicitModel:
             for block, start, stop in grid  # type: ignore[attr-defined]
         ]
 
-    def _gram(self, blocks: list[Future]) -> Future:
-        return self.client.submit(sum_tensors, *[self._submit(block_gram, b) for b in blocks], pure=False)
+    def _pieces(self, sides: list[Future], grid: BlockGrid) -> list[list[tuple[Future, RowRange]]]:
+        """Per block: (entries future, row range) of each piece its rows are solved in.
+
+        The work of a block is proportional to its entries, and popular items
+        crowd into few blocks (one item block of the small benchmark holds
+        80% of the likes), so one task would hold up the whole side while
+        the other workers idle. ALS blocks with more than ``SPLIT_FACTOR``
+        times the side's mean entries are cut into row pieces of about the
+        mean, solved as separate tasks: every row is solved independently,
+        so the cut depends on the data only and the result stays the same.
+        The gradient solver keeps whole blocks (its optimiser state is per block).
+        """
+        counts = self.client.gather([self._submit(entry_count, entries) for entries in sides])
+        mean = max(1.0, sum(counts) / max(1, len(counts)))
+        split = {
+            index: math.ceil(count / mean)
+            for index, count in enumerate(counts)
+            if self.settings.solver == "als" and count > SPLIT_FACTOR * mean
+        }
+        ranges = dict(
+            zip(
+                split,
+                self.client.gather(
+                    [self._submit(balanced_row_ranges, sides[index], n) for index, n in split.items()]
+                ),
+                strict=True,
+            )
+        )
+        pieces = []
+        for index, (entries, (_, first, last)) in enumerate(zip(sides, grid, strict=True)):
+            if index not in ranges:
+                pieces.append([(entries, (0, last - first))])
+                continue
+            pieces.append(
+                [
+                    (self._submit(slice_rows, entries, start, stop), (start, stop))
+                    for start, stop in ranges[index]
+                ]
+            )
+        return pieces
+
+    def _summary(self, blocks: list[Future]) -> Future:
+        return self._submit(summarize_side, *blocks)
+
+    def _update_side(
+        self,
+        pieces: list[list[tuple[Future, RowRange]]],
+        blocks: list[Future],
+        other: Future,
+        with_terms: bool,
+    ) -> tuple[list[Future], list[Future]]:
+        """Submit the update of every piece of every block: (new blocks, piece results)."""
+        updated, results = [], []
+        for block_pieces, block in zip(pieces, blocks, strict=True):
+            block_results = [
+                self._submit(self.update, entries, block, rows, other, self.settings, with_terms)
+                for entries, rows in block_pieces
+            ]
+            updated.append(self._submit(join_rows, *block_results))
+            results += block_results
+        return updated, results
 
     def run_epoch(self, epoch: int) -> list[Measurement]:
-        item_gram = self._gram(self.items)
-        self.users = [
-            self._submit(self.update, entries, block, item_gram, self.settings, *self.items)
-            for entries, block in zip(self.sides.users, self.users, strict=True)
-        ]
-        user_gram = self._gram(self.users)
-        self.items = [
-            self._submit(self.update, entries, block, user_gram, self.settings, *self.users)
-            for entries, block in zip(self.sides.items, self.items, strict=True)
-        ]
-        item_gram = self._gram(self.items)
-        terms = self.client.gather(
+        # The item summary of the previous epoch's end is this epoch's start.
+        if self.item_summary is None:
+            self.item_summary = self._summary(self.items)
+        self.users, _ = self._update_side(self.user_pieces, self.users, self.item_summary, False)
+        user_summary = self._summary(self.users)
+        # The item tasks also return the liked loss terms at the new factors.
+        self.items, results = self._update_side(self.item_pieces, self.items, user_summary, True)
+        self.item_summary = self._summary(self.items)
+        terms, user_gram, item_gram = self.client.gather(
             [
-                self._submit(liked_terms, entries, block, self.settings.alpha, *self.users)
-                for entries, block in zip(self.sides.items, self.items, strict=True)
+                self._submit(sum_terms, *results),
+                self._submit(summary_gram, user_summary),
+                self._submit(summary_gram, self.item_summary),
             ]
         )
-        user_gram_value, item_gram_value = self.client.gather([user_gram, item_gram])
-        squared_norms = torch.trace(user_gram_value) + torch.trace(item_gram_value)
+        squared_norms = torch.trace(user_gram) + torch.trace(item_gram)
         loss = objective.total_loss(
-            user_gram_value,
-            item_gram_value,
-            torch.tensor(sum(terms), dtype=torch.float64),
+            user_gram,
+            item_gram,
+            torch.tensor(terms, dtype=torch.float64),
             squared_norms,
             self.settings.regularization,
         )

@@ -11,6 +11,7 @@ Work functions here run on the workers; they take and return CPU tensors.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,33 @@ def merge_pieces(n_rows: int, *pieces: SideEntries) -> SideEntries:
 
 def entry_count(entries: SideEntries) -> int:
     return len(entries.values)
+
+
+def balanced_row_ranges(entries: SideEntries, pieces: int) -> list[tuple[int, int]]:
+    """Cut the block's rows into at most ``pieces`` half-open ranges of about equal entry counts.
+
+    Ranges cover ``[0, n_rows)`` in order, each non-empty; a row is never cut,
+    so one row with more entries than a piece's share makes a larger piece.
+    """
+    total = len(entries.values)
+    if pieces <= 1 or total == 0 or entries.n_rows <= 1:
+        return [(0, entries.n_rows)]
+    # The piece boundaries are the rows of the entries at multiples of total / pieces.
+    targets = torch.arange(1, pieces, dtype=torch.int64) * total // pieces
+    cuts = sorted({int(row) for row in entries.rows[targets]} - {0})
+    bounds = [0, *[cut for cut in cuts if cut < entries.n_rows], entries.n_rows]
+    return list(itertools.pairwise(bounds))
+
+
+def slice_rows(entries: SideEntries, start: int, stop: int) -> SideEntries:
+    """The entries of rows ``[start, stop)``, re-indexed so that row ``start`` is 0."""
+    first, last = np.searchsorted(entries.rows.numpy(), [start, stop])
+    return SideEntries(
+        rows=entries.rows[first:last] - start,
+        cols=entries.cols[first:last],
+        values=entries.values[first:last],
+        n_rows=stop - start,
+    )
 
 
 @dataclass

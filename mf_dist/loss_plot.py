@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from mf_dist.factor_files import EpochRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # A loss that falls by more than this factor is drawn on a log axis: on a
 # linear one the last epochs, where convergence is judged, would be a flat line.
@@ -36,6 +37,11 @@ def loss_curve_figure(history: list[EpochRecord], title: str) -> Figure:
     """
     if not history:
         raise ValueError("cannot draw a loss curve without any epoch")
+    # Imported here: matplotlib takes most of a second to import, and the
+    # CLI and `mf-dist inspect` import this module only for uses_log_scale.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     epochs = [record.epoch for record in history]
     losses = [record.loss for record in history]
     metric_names = sorted({name for record in history for name in record.metrics})

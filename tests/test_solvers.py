@@ -175,3 +175,34 @@ def test_row_chunks_do_not_change_the_solution(monkeypatch):
     chunked = explicit.als_update_rows(rows, cols, values, 30, col_vectors, col_bias, 3.0, 0.1)
     torch.testing.assert_close(chunked[0], whole[0])
     torch.testing.assert_close(chunked[1], whole[1])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("budget", [None, 64])
+def test_row_gram_sums_equal_the_dense_sum_of_outer_products(monkeypatch, weighted, budget):
+    """Rows with 0, 1 and up to 40 entries (several padded lengths); a tiny budget forces chunks."""
+    if budget is not None:
+        monkeypatch.setattr(normal_equations, "ENTRY_BUDGET_FLOATS", budget)
+    generator = torch.Generator().manual_seed(3)
+    counts = torch.tensor([0, 1, 2, 3, 5, 8, 13, 21, 40, 0, 7, 7, 1])
+    rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    cols = torch.randint(0, 50, (len(rows),), generator=generator)
+    features = torch.randn(50, 6, generator=generator, dtype=torch.float64)
+    weights = torch.rand(len(rows), generator=generator, dtype=torch.float64) - 0.2 if weighted else None
+
+    gram = normal_equations.row_gram_sums(rows, cols, features, len(counts), weights)
+
+    expected = torch.zeros(len(counts), 6, 6, dtype=torch.float64)
+    for entry in range(len(rows)):
+        f = features[cols[entry]]
+        expected[rows[entry]] += (1.0 if weights is None else weights[entry]) * torch.outer(f, f)
+    torch.testing.assert_close(gram, expected)
+
+
+def test_padded_lengths_cover_every_count():
+    counts = torch.arange(0, 5000)
+    lengths = normal_equations.padded_lengths(counts)
+    assert bool((lengths >= counts).all()) and int(lengths[0]) == 0
+    assert bool((lengths[1:] % 4 == 0).all())
+    assert float((lengths[100:].double() / counts[100:].double()).max()) <= 1.3
+    assert len(torch.unique(lengths)) < 60

@@ -54,17 +54,18 @@ def als_block(
     entries: SideEntries,
     block: RowBlock,
     rows: RowRange,
-    other: SideSummary,
     settings: TrainSettings,
     with_terms: bool,
-) -> tuple[RowBlock, float]:
+    *others: RowBlock,
+) -> ScoredRowBlock:
     """Re-solve rows ``[start, stop)`` of one block given the other side (runs on a worker).
 
     ``entries`` are those rows' entries, row 0 being ``start``. Returns the new
-    rows (float32, CPU) and, when ``with_terms``, their liked loss terms
+    rows (float32, CPU) with, when ``with_terms``, their liked loss terms
     Σ [c (1 − s)² − s²] at the new vectors (else 0.0): computing them here
     reuses the other side already fetched for the solve, instead of a second
-    round of tasks that fetch it again.
+    round of tasks that fetch it again. ``others`` are the other side's
+    blocks in order; its Gram matrix is the sum of theirs (:func:`summarize_gram`).
     """
     device = compute_device(settings.device)
     start, stop = rows
@@ -73,13 +74,14 @@ def als_block(
         entries.cols.to(device),
         entries.values.to(device),
     )
-    other_vectors = other.vectors.to(device)
+    other_vectors = concatenate_vectors(*others).to(device)
+    other_gram = summarize_gram(*others).to(device)
     if settings.als_method == "cholesky":
         vectors = objective.exact_update_rows(
             *args,
             entries.n_rows,
             other_vectors,
-            other.gram.to(device),
+            other_gram,
             settings.alpha,
             settings.regularization,
         )
@@ -88,24 +90,24 @@ def als_block(
             *args,
             block.vectors[start:stop].to(device),
             other_vectors,
-            other.gram.to(device),
+            other_gram,
             settings.alpha,
             settings.regularization,
             settings.cg_steps,
         )
     vectors = vectors.float()
     terms = _liked_terms(*args, vectors, other_vectors, settings.alpha) if with_terms else 0.0
-    return RowBlock(vectors=vectors.cpu()), terms
+    return ScoredRowBlock(vectors=vectors.cpu(), liked_terms=terms, gram=vector_gram(vectors).cpu())
 
 
 def gradient_block(
     entries: SideEntries,
     block: RowBlock,
     rows: RowRange,
-    other: SideSummary,
     settings: TrainSettings,
     with_terms: bool,
-) -> tuple[RowBlock, float]:
+    *others: RowBlock,
+) -> ScoredRowBlock:
     """One optimiser step on one whole block's rows (runs on a worker); returns as :func:`als_block`.
 
     ``rows`` must be the whole block: the optimiser state is per block.
@@ -115,12 +117,13 @@ def gradient_block(
     device = compute_device(settings.device)
     vectors = block.vectors.to(device)
     args = (entries.rows.to(device), entries.cols.to(device), entries.values.to(device))
-    other_vectors = other.vectors.to(device)
+    other_vectors = concatenate_vectors(*others).to(device)
+    other_gram = summarize_gram(*others).to(device)
     gradient = objective.row_gradient(
         *args,
         vectors,
         other_vectors,
-        other.gram.to(device),
+        other_gram,
         settings.alpha,
         settings.regularization,
     )
@@ -128,7 +131,9 @@ def gradient_block(
         vectors, gradient, block.state, settings.learning_rate, settings.optimizer
     )
     terms = _liked_terms(*args, updated, other_vectors, settings.alpha) if with_terms else 0.0
-    return RowBlock(vectors=updated.cpu(), state=state), terms
+    return ScoredRowBlock(
+        vectors=updated.cpu(), state=state, liked_terms=terms, gram=vector_gram(updated).cpu()
+    )
 
 
 def _liked_terms(
@@ -143,42 +148,50 @@ def _liked_terms(
 
 
 @dataclass
-class SideSummary:
-    """What a block update needs of the other side: vectors (m × k, float32), VᵀV (k × k, float64).
+class ScoredRowBlock(RowBlock):
+    """A row block with what the epoch needs of it besides its vectors.
 
-    Built by one task per side and epoch (:func:`summarize_side`) and fetched
-    once per worker, instead of every block task fetching and concatenating
-    all the other side's blocks and a separate round of Gram tasks.
+    ``liked_terms``: Σ [c (1 − s)² − s²] of its rows at its vectors (0.0 where
+    not computed); ``gram``: VᵀV of its vectors (k × k, float64), or None.
+    Computed by the task that made the block, in parallel across blocks, so
+    that the next side's tasks only add k × k matrices instead of waiting for
+    a Gram task; carried in the block, they spare a task per block that would
+    only unpack a tuple (a few milliseconds of scheduler time each).
     """
 
-    vectors: torch.Tensor
-    gram: torch.Tensor
-
-    def __sizeof__(self) -> int:
-        return self.vectors.nbytes + self.gram.nbytes + 64
+    liked_terms: float = 0.0
+    gram: torch.Tensor | None = None
 
 
-def summarize_side(*blocks: RowBlock) -> SideSummary:
-    """The :class:`SideSummary` of a side from its row blocks in order (runs on a worker)."""
-    vectors = concatenate_vectors(*blocks)
+def vector_gram(vectors: torch.Tensor) -> torch.Tensor:
+    """VᵀV in float64 (k × k) of ``vectors`` (n × k), so that sums over blocks stay exact."""
     wide = vectors.double()
-    return SideSummary(vectors=vectors, gram=wide.T @ wide)
+    return wide.T @ wide
 
 
-def summary_gram(summary: SideSummary) -> torch.Tensor:
-    return summary.gram
+def join_rows(*pieces: ScoredRowBlock) -> ScoredRowBlock:
+    """One block from its row pieces in row order, terms and Grams summed in order (runs on a worker)."""
+    return ScoredRowBlock(
+        vectors=torch.cat([piece.vectors for piece in pieces]),
+        liked_terms=sum_terms(*pieces),
+        gram=summarize_gram(*pieces),
+    )
 
 
-def join_rows(*pieces: tuple[RowBlock, float]) -> RowBlock:
-    """One block from the results of its row pieces, in row order (runs on a worker)."""
-    if len(pieces) == 1:
-        return pieces[0][0]
-    return RowBlock(vectors=torch.cat([block.vectors for block, _ in pieces]))
+def summarize_gram(*blocks: RowBlock) -> torch.Tensor:
+    """Σ VᵀV over ``blocks`` in order (k × k float64): each block's own Gram where it carries one."""
+    total = None
+    for block in blocks:
+        own = getattr(block, "gram", None)
+        own = vector_gram(block.vectors) if own is None else own
+        total = own.clone() if total is None else total.add_(own)
+    assert total is not None
+    return total
 
 
-def sum_terms(*pieces: tuple[RowBlock, float]) -> float:
-    """Σ of the pieces' liked loss terms, in piece order (deterministic)."""
-    return float(sum(terms for _, terms in pieces))
+def sum_terms(*blocks: ScoredRowBlock) -> float:
+    """Σ of the blocks' liked loss terms, in block order (deterministic)."""
+    return float(sum(block.liked_terms for block in blocks))
 
 
 class ImplicitModel:
@@ -196,16 +209,13 @@ class ImplicitModel:
         self.ingest = ingest
         self.settings = settings
         self.resources = resources
-        self.update: Callable[..., tuple[RowBlock, float]] = (
-            als_block if settings.solver == "als" else gradient_block
-        )
+        self.update: Callable[..., ScoredRowBlock] = als_block if settings.solver == "als" else gradient_block
         self.sides = load_ratings_sides(client, ingest, liked_only=True, resources=resources)
         self.user_pieces = self._pieces(self.sides.users, ingest.user_grid)
         self.item_pieces = self._pieces(self.sides.items, ingest.item_grid)
         initial = initial or {}
         self.users = initial.get("users") or self._random_blocks(ingest.user_grid, 0)
         self.items = initial.get("items") or self._random_blocks(ingest.item_grid, 1)
-        self.item_summary: Future | None = None
 
     def _submit(self, function: object, *args: object) -> Future:
         return self.client.submit(function, *args, resources=self.resources, pure=False)
@@ -264,41 +274,37 @@ class ImplicitModel:
             )
         return pieces
 
-    def _summary(self, blocks: list[Future]) -> Future:
-        return self._submit(summarize_side, *blocks)
-
     def _update_side(
         self,
         pieces: list[list[tuple[Future, RowRange]]],
         blocks: list[Future],
-        other: Future,
+        others: list[Future],
         with_terms: bool,
-    ) -> tuple[list[Future], list[Future]]:
-        """Submit the update of every piece of every block: (new blocks, piece results)."""
-        updated, results = [], []
+    ) -> list[Future]:
+        """Submit the update of every piece of every block: the new blocks (:class:`ScoredRowBlock`).
+
+        Every task takes the other side's blocks themselves, not one task's
+        concatenation of them: a single large input would draw every task to
+        the worker that made it, leaving the others idle.
+        """
+        updated = []
         for block_pieces, block in zip(pieces, blocks, strict=True):
-            block_results = [
-                self._submit(self.update, entries, block, rows, other, self.settings, with_terms)
+            results = [
+                self._submit(self.update, entries, block, rows, self.settings, with_terms, *others)
                 for entries, rows in block_pieces
             ]
-            updated.append(self._submit(join_rows, *block_results))
-            results += block_results
-        return updated, results
+            updated.append(results[0] if len(results) == 1 else self._submit(join_rows, *results))
+        return updated
 
     def run_epoch(self, epoch: int) -> list[Measurement]:
-        # The item summary of the previous epoch's end is this epoch's start.
-        if self.item_summary is None:
-            self.item_summary = self._summary(self.items)
-        self.users, _ = self._update_side(self.user_pieces, self.users, self.item_summary, False)
-        user_summary = self._summary(self.users)
-        # The item tasks also return the liked loss terms at the new factors.
-        self.items, results = self._update_side(self.item_pieces, self.items, user_summary, True)
-        self.item_summary = self._summary(self.items)
+        self.users = self._update_side(self.user_pieces, self.users, self.items, False)
+        # The item tasks also return the liked loss terms and Gram matrices at the new factors.
+        self.items = self._update_side(self.item_pieces, self.items, self.users, True)
         terms, user_gram, item_gram = self.client.gather(
             [
-                self._submit(sum_terms, *results),
-                self._submit(summary_gram, user_summary),
-                self._submit(summary_gram, self.item_summary),
+                self._submit(sum_terms, *self.items),
+                self._submit(summarize_gram, *self.users),
+                self._submit(summarize_gram, *self.items),
             ]
         )
         squared_norms = torch.trace(user_gram) + torch.trace(item_gram)

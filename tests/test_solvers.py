@@ -206,3 +206,25 @@ def test_padded_lengths_cover_every_count():
     assert bool((lengths[1:] % 4 == 0).all())
     assert float((lengths[100:].double() / counts[100:].double()).max()) <= 1.3
     assert len(torch.unique(lengths)) < 60
+
+
+def test_block_objective_equals_the_gathered_batch_objective():
+    rows, cols, values = random_entries(25, 14, 0.4, seed=11)
+    generator = torch.Generator().manual_seed(5)
+    row_vectors, col_vectors = torch.randn(25, 6, generator=generator), torch.randn(14, 6, generator=generator)
+    row_bias, col_bias = torch.randn(25, generator=generator), torch.randn(14, generator=generator)
+
+    total, squared_error = explicit.block_objective(
+        rows, cols, values, row_vectors, col_vectors, row_bias, col_bias, 3.2, 0.07
+    )
+    expected = explicit.batch_objective(
+        row_vectors[rows].double(),
+        col_vectors[cols].double(),
+        row_bias[rows].double(),
+        col_bias[cols].double(),
+        values,
+        3.2,
+        0.07,
+    )
+    torch.testing.assert_close(total, expected[0])
+    torch.testing.assert_close(squared_error, expected[1])

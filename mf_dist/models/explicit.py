@@ -52,6 +52,42 @@ def batch_objective(
     return squared_error + regularization * penalty, squared_error
 
 
+def block_objective(
+    rows: Tensor,
+    cols: Tensor,
+    ratings: Tensor,
+    row_vectors: Tensor,
+    col_vectors: Tensor,
+    row_bias: Tensor,
+    col_bias: Tensor,
+    global_mean: float,
+    regularization: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`batch_objective` over one block's entries, without gathering k-vectors per entry.
+
+    ``rows`` (e,) int64 sorted ascending index ``row_vectors`` (n × k) and
+    ``row_bias`` (n); ``cols`` (e,) index ``col_vectors`` (m × k) and
+    ``col_bias`` (m); ``ratings`` (e,). The dot products are an SDDMM on the
+    entries' CSR pattern and each penalty is a row's squared norm times its
+    entry count, so the cost is O(e·k) arithmetic with no e × k tensor
+    (gathering both sides in float64 cost more than the ALS solve itself).
+    Returns (objective, squared error) as float64 scalars.
+    """
+    x, y = row_vectors.double(), col_vectors.double()
+    pattern = normal_equations.csr_matrix(
+        rows, cols, torch.zeros(len(rows), dtype=x.dtype, device=x.device), len(x), len(y)
+    )
+    scores = normal_equations.sampled_row_dots(pattern, x, y)
+    error = global_mean + row_bias.double()[rows] + col_bias.double()[cols] + scores - ratings.double()
+    squared_error = (error * error).sum()
+    row_counts = torch.bincount(rows, minlength=len(x)).double()
+    col_counts = torch.bincount(cols, minlength=len(y)).double()
+    penalty = row_counts @ ((x * x).sum(dim=1) + row_bias.double() ** 2) + col_counts @ (
+        (y * y).sum(dim=1) + col_bias.double() ** 2
+    )
+    return squared_error + regularization * penalty, squared_error
+
+
 def als_update_rows(
     rows: Tensor,
     cols: Tensor,

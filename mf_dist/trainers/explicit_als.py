@@ -62,15 +62,15 @@ def side_objective(
     *other_blocks: RowBlock,
 ) -> tuple[float, float]:
     """(objective, squared error) summed over one block's entries (runs on a worker)."""
-    other_vectors = concatenate_vectors(*other_blocks)
-    other_bias = concatenate_bias(*other_blocks)
     assert block.bias is not None
-    total, squared_error = objective.batch_objective(
-        block.vectors[entries.rows].double(),
-        other_vectors[entries.cols].double(),
-        block.bias[entries.rows].double(),
-        other_bias[entries.cols].double(),
-        entries.values.double(),
+    total, squared_error = objective.block_objective(
+        entries.rows,
+        entries.cols,
+        entries.values,
+        block.vectors,
+        concatenate_vectors(*other_blocks),
+        block.bias,
+        concatenate_bias(*other_blocks),
         global_mean,
         regularization,
     )

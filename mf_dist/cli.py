@@ -102,9 +102,10 @@ def run(
     ] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Implicit: confidence c = 1 + alpha * r.")] = None,
     als_method: Annotated[
-        Optional[AlsMethod], typer.Option(help="Implicit ALS: cg (conjugate gradient) or cholesky.")
+        Optional[AlsMethod],
+        typer.Option(help="ALS row solves: cg or cholesky (default: explicit cholesky, implicit cg)."),
     ] = None,
-    cg_steps: Annotated[Optional[int], typer.Option(help="Implicit ALS: CG steps per solve.")] = None,
+    cg_steps: Annotated[Optional[int], typer.Option(help="--als-method cg: CG steps per row solve.")] = None,
     loss: Annotated[
         Optional[CooccurrenceLoss], typer.Option(help="Co-occurrence: squared (all pairs) or weighted.")
     ] = None,

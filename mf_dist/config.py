@@ -45,8 +45,16 @@ MODEL_DEFAULTS: dict[str, dict[str, float | int | str]] = {
         "rank": 64,
         "regularization": 0.12,
         "optimizer": "adagrad",
+        "als_method": "cholesky",
     },
-    "implicit": {"epochs": 15, "learning_rate": 0.01, "rank": 32, "regularization": 0.1, "optimizer": "adam"},
+    "implicit": {
+        "epochs": 15,
+        "learning_rate": 0.01,
+        "rank": 32,
+        "regularization": 0.1,
+        "optimizer": "adam",
+        "als_method": "cg",
+    },
     # NMF's projected gradient steps learning_rate / λ_max(Gram): 1 is the
     # classic 1/L step (never raises the loss); multiplicative updates need none.
     # Neither solver regularises or uses an optimiser; the entries keep every
@@ -127,10 +135,16 @@ class RunConfig(BaseModel):
         None, description="Gradient solvers: adam or adagrad (default per model)."
     )
     alpha: float = Field(10.0, gt=0, description="Implicit model: confidence c = 1 + alpha * r.")
-    als_method: AlsMethod = Field(
-        "cg", description="Implicit ALS: conjugate gradient (Takacs et al.) or exact Cholesky solves."
+    als_method: AlsMethod | None = Field(
+        None,
+        description=(
+            "ALS row solves: conjugate gradient (Takacs et al.) or exact Cholesky "
+            "(default: cholesky for explicit, cg for implicit)."
+        ),
     )
-    cg_steps: int = Field(3, ge=1, le=100, description="Conjugate-gradient steps per implicit ALS solve.")
+    cg_steps: int = Field(
+        3, ge=1, le=100, description="Conjugate-gradient steps per ALS row solve (--als-method cg)."
+    )
     loss: CooccurrenceLoss = Field(
         "squared",
         description="Co-occurrence: all pairs (squared), or GloVe-style f(X) weights on non-zeros.",
@@ -250,7 +264,7 @@ class RunConfig(BaseModel):
             batch_size=self.batch_size,
             optimizer=self.optimizer or str(MODEL_DEFAULTS[self.model]["optimizer"]),
             alpha=self.alpha,
-            als_method=self.als_method,
+            als_method=self.als_method or str(MODEL_DEFAULTS[self.model].get("als_method", "cg")),
             cg_steps=self.cg_steps,
             loss=self.loss,
             weight_x_max=self.weight_x_max,

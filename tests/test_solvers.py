@@ -211,7 +211,8 @@ def test_padded_lengths_cover_every_count():
 def test_block_objective_equals_the_gathered_batch_objective():
     rows, cols, values = random_entries(25, 14, 0.4, seed=11)
     generator = torch.Generator().manual_seed(5)
-    row_vectors, col_vectors = torch.randn(25, 6, generator=generator), torch.randn(14, 6, generator=generator)
+    row_vectors = torch.randn(25, 6, generator=generator)
+    col_vectors = torch.randn(14, 6, generator=generator)
     row_bias, col_bias = torch.randn(25, generator=generator), torch.randn(14, generator=generator)
 
     total, squared_error = explicit.block_objective(
@@ -228,3 +229,29 @@ def test_block_objective_equals_the_gathered_batch_objective():
     )
     torch.testing.assert_close(total, expected[0])
     torch.testing.assert_close(squared_error, expected[1])
+
+
+def test_explicit_cg_with_k_plus_1_steps_equals_the_exact_solve():
+    rows, cols, values = random_entries(20, 15, 0.4, seed=12)
+    generator = torch.Generator().manual_seed(9)
+    col_vectors = torch.randn(15, 4, generator=generator, dtype=torch.float64)
+    col_bias = torch.randn(15, generator=generator, dtype=torch.float64)
+    start_vectors = torch.randn(20, 4, generator=generator, dtype=torch.float64)
+    start_bias = torch.randn(20, generator=generator, dtype=torch.float64)
+    exact = explicit.als_update_rows(rows, cols, values, 20, col_vectors, col_bias, 3.0, 0.1)
+    solved = explicit.cg_update_rows(
+        rows, cols, values, start_vectors, start_bias, col_vectors, col_bias, 3.0, 0.1, steps=5
+    )
+    torch.testing.assert_close(solved[0], exact[0])
+    torch.testing.assert_close(solved[1], exact[1])
+    one_step = explicit.cg_update_rows(
+        rows, cols, values, start_vectors, start_bias, col_vectors, col_bias, 3.0, 0.1, steps=1
+    )
+
+    def objective(vectors: torch.Tensor, bias: torch.Tensor) -> float:
+        return float(
+            explicit.block_objective(rows, cols, values, vectors, col_vectors, bias, col_bias, 3.0, 0.1)[0]
+        )
+
+    # The block's part of the objective in these rows falls with the first step and is least at the solution.
+    assert objective(*exact) <= objective(*one_step) < objective(start_vectors, start_bias)

@@ -125,3 +125,49 @@ def als_update_rows(
         rhs = normal_equations.row_vector_sums(local, features[first:last], targets[first:last], stop - start)
         solution[start:stop] = normal_equations.solve_normal_equations(gram, rhs)
     return solution[:, :rank].contiguous(), solution[:, rank].contiguous()
+
+
+def cg_update_rows(
+    rows: Tensor,
+    cols: Tensor,
+    ratings: Tensor,
+    row_vectors: Tensor,
+    row_bias: Tensor,
+    col_vectors: Tensor,
+    col_bias: Tensor,
+    global_mean: float,
+    regularization: float,
+    steps: int,
+) -> tuple[Tensor, Tensor]:
+    """The same half-step as :func:`als_update_rows`, by ``steps`` conjugate-gradient iterations.
+
+    Started from the current rows (``row_vectors`` n × k, ``row_bias`` n),
+    as Takács et al. (2011) do for implicit feedback; the other arguments are
+    those of :func:`als_update_rows`. With f_c = [v_c; 1], every matvec
+    A_r z_r = Σ_c f_c (f_cᵀ z_r) + λ n_r z_r is one SDDMM and one CSR × dense
+    product on the block's pattern, e·(k + 1) multiply-adds each, where the
+    exact solve assembles e·(k + 1)² for the systems and then factors them.
+    k + 1 steps reach the exact solution; a few, warm-started every epoch,
+    reach the same held-out error.
+    """
+    dtype = col_vectors.dtype
+    device = col_vectors.device
+    n_rows, n_cols = len(row_vectors), len(col_vectors)
+    features = torch.cat([col_vectors, torch.ones(n_cols, 1, dtype=dtype, device=device)], dim=1)
+    start = torch.cat([row_vectors.to(dtype), row_bias.to(dtype)[:, None]], dim=1)
+    targets = ratings.to(dtype) - global_mean - col_bias.to(dtype)[cols]
+    ridge = regularization * torch.bincount(rows, minlength=n_rows).to(dtype).clamp_min(1.0)
+    pattern = normal_equations.csr_matrix(rows, cols, targets, n_rows, n_cols)
+    rhs = pattern @ features
+    # Buffers reused by every matvec (see mf_dist.models.implicit.cg_update_rows).
+    sampled = pattern.clone()
+    applied = torch.empty(n_rows, features.shape[1], dtype=dtype, device=device)
+
+    def matvec(z: Tensor) -> Tensor:
+        torch.sparse.sampled_addmm(pattern, z, features.T, beta=0.0, out=sampled)
+        torch.mm(sampled, features, out=applied)
+        return applied.addcmul_(ridge[:, None], z)
+
+    solution = normal_equations.conjugate_gradient(matvec, rhs, start, steps)
+    rank = col_vectors.shape[1]
+    return solution[:, :rank].contiguous(), solution[:, rank].contiguous()

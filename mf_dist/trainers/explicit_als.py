@@ -1,7 +1,10 @@
 """Sharded ALS for explicit ratings with biases (weighted-λ, Zhou et al. 2008).
 
-An epoch solves every user block exactly with the items fixed, then every
-item block with the users fixed (:func:`mf_dist.models.explicit.als_update_rows`).
+An epoch solves every user block with the items fixed, then every item
+block with the users fixed: exactly (:func:`mf_dist.models.explicit.als_update_rows`,
+``--als-method cholesky``, the default) or by a few conjugate-gradient steps
+from the current rows (:func:`mf_dist.models.explicit.cg_update_rows`,
+``--als-method cg``).
 A block's solve task receives that block's entries (resident on its worker)
 and the other side's factor blocks; its k × k systems are assembled and
 solved in row chunks on the worker's device. The loss after the epoch is the
@@ -34,23 +37,41 @@ INITIAL_SCALE = 0.1
 
 def solve_side_block(
     entries: SideEntries,
+    block: RowBlock,
     global_mean: float,
-    regularization: float,
-    device_preference: str,
+    settings: TrainSettings,
     *other_blocks: RowBlock,
 ) -> RowBlock:
-    """The exact ALS rows of one block given every block of the other side (runs on a worker)."""
-    device = compute_device(device_preference)
-    vectors, bias = objective.als_update_rows(
-        entries.rows.to(device),
-        entries.cols.to(device),
-        entries.values.to(device),
-        entries.n_rows,
-        concatenate_vectors(*other_blocks).to(device),
-        concatenate_bias(*other_blocks).to(device),
-        global_mean,
-        regularization,
-    )
+    """The ALS rows of one block given every block of the other side (runs on a worker).
+
+    Exact (batched Cholesky) or ``settings.cg_steps`` conjugate-gradient
+    steps from the block's current rows, by ``settings.als_method``.
+    """
+    device = compute_device(settings.device)
+    entry_tensors = (entries.rows.to(device), entries.cols.to(device), entries.values.to(device))
+    other_vectors = concatenate_vectors(*other_blocks).to(device)
+    other_bias = concatenate_bias(*other_blocks).to(device)
+    if settings.als_method == "cholesky":
+        vectors, bias = objective.als_update_rows(
+            *entry_tensors,
+            entries.n_rows,
+            other_vectors,
+            other_bias,
+            global_mean,
+            settings.regularization,
+        )
+    else:
+        assert block.bias is not None
+        vectors, bias = objective.cg_update_rows(
+            *entry_tensors,
+            block.vectors.to(device),
+            block.bias.to(device),
+            other_vectors,
+            other_bias,
+            global_mean,
+            settings.regularization,
+            settings.cg_steps,
+        )
     return RowBlock(vectors=vectors.cpu(), bias=bias.cpu())
 
 
@@ -117,12 +138,12 @@ class ExplicitALS:
         s = self.settings
         mean = self.ingest.global_mean
         self.users = [
-            self._submit(solve_side_block, entries, mean, s.regularization, s.device, *self.items)
-            for entries in self.sides.users
+            self._submit(solve_side_block, entries, block, mean, s, *self.items)
+            for entries, block in zip(self.sides.users, self.users, strict=True)
         ]
         self.items = [
-            self._submit(solve_side_block, entries, mean, s.regularization, s.device, *self.users)
-            for entries in self.sides.items
+            self._submit(solve_side_block, entries, block, mean, s, *self.users)
+            for entries, block in zip(self.sides.items, self.items, strict=True)
         ]
         sums = self.client.gather(
             [

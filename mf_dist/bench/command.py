@@ -12,7 +12,7 @@ from rich.console import Console
 from mf_dist.bench.data import SCALES, ScaleName
 from mf_dist.bench.measure import SideContext, SideFailedError, run_side_process
 from mf_dist.bench.results import BenchReport, SuiteResult, print_report
-from mf_dist.bench.suites import SUITES, Suite
+from mf_dist.bench.suites import SUITES, Suite, Variant
 from mf_dist.cluster import compute_device
 from mf_dist.config import DeviceName
 from mf_dist.errors import ConfigError
@@ -35,7 +35,7 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _variant_label(variant: dict[str, int | float | str]) -> str:
+def _variant_label(variant: Variant) -> str:
     return ", ".join(f"{'k' if key == 'rank' else key}={value}" for key, value in variant.items())
 
 
@@ -47,13 +47,14 @@ def run_suite(suite: Suite, scale_name: str, device: str, workers: int, cache_di
     results = []
     for variant in suite.variants:
         label = suite.name + (f" ({_variant_label(variant)})" if variant else "")
-        result = SuiteResult(suite=label, scale=scale_name, device=device, target=suite.target)
+        target = suite.variant_target(variant) or suite.target
+        result = SuiteResult(suite=label, scale=scale_name, device=device, target=target)
         if ours_reason:
             # Without our side there is nothing to compare.
             results.append(result.model_copy(update={"unavailable": ours_reason}))
             continue
         with console.status(f"{label}: preparing {scale_name} data"):
-            input_dir, work_dir = suite.prepare(cache_dir, scale, workers)
+            input_dir, work_dir = suite.prepare(cache_dir, scale, workers, variant)
         context = SideContext(
             suite=suite.name,
             variant=variant,
@@ -65,20 +66,22 @@ def run_suite(suite: Suite, scale_name: str, device: str, workers: int, cache_di
             work_dir=str(work_dir),
         )
         scratch = cache_dir / scale_name / "sides"
+        # A variant too large for the reference (by arithmetic) still runs ours, and says why.
+        variant_reason = reason or suite.variant_reference_unavailable(variant)
         problems = []
         with console.status(f"{label}: ours"):
             try:
                 result.ours = run_side_process(context, "ours", scratch)
             except SideFailedError as exc:
                 problems.append(str(exc))
-        if suite.reference is not None and reason is None:
+        if suite.reference is not None and variant_reason is None:
             with console.status(f"{label}: reference"):
                 try:
                     result.reference = run_side_process(context, "reference", scratch)
                 except SideFailedError as exc:
                     problems.append(str(exc))
-        elif reason:
-            result.unavailable = reason
+        elif variant_reason:
+            result.unavailable = variant_reason
         if problems:
             result.failed = "\n".join(problems)
         results.append(result)

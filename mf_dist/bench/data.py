@@ -5,6 +5,10 @@ item popularity p ∝ 1/(rank + 10)^0.9, at least 20 ratings per user, ratings
 0.5–5 in halves from a low-rank model plus noise, no duplicate pairs) with a
 fixed seed, so every run of a suite sees the same data. "Liked" is rating ≥ 4.
 
+The large co-occurrence embedding needs far more liked items than any scale
+has (M = 100,000); :data:`MANY_ITEMS` generates, with the same generator and
+seed, a set with that many liked items per scale (a few thousand at tiny).
+
 Preparation (generating, filtering to the most liked items, ingesting) is
 shared by both sides of a suite and is never part of a timed measurement.
 """
@@ -63,6 +67,22 @@ def ratings_dir(cache_dir: Path, scale: Scale) -> Path:
     return directory
 
 
+def _write_most_liked(frame: pd.DataFrame, n_items: int, directory: Path) -> int:
+    """Write the likes of the ``n_items`` most liked items of ``frame`` (ties by id) to ``directory``.
+
+    Returns how many items were kept: ``n_items``, or fewer where fewer items have a like.
+    """
+    liked = frame[frame["rating"] >= LIKE_THRESHOLD]
+    counts = liked["item_id"].value_counts()
+    ranked = counts.sort_index().sort_values(ascending=False, kind="stable")
+    keep = ranked.index[:n_items].to_numpy()
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_partitions(liked[np.isin(liked["item_id"].to_numpy(), keep)], partial, n_files=4)
+    partial.rename(directory)
+    return len(keep)
+
+
 def most_liked_items_dir(cache_dir: Path, scale: Scale, n_items: int) -> Path:
     """The likes of the ``n_items`` most liked items only (ties by id), as Parquet.
 
@@ -71,16 +91,54 @@ def most_liked_items_dir(cache_dir: Path, scale: Scale, n_items: int) -> Path:
     """
     directory = cache_dir / scale.name / f"top{n_items}"
     if not directory.exists():
-        frame = pd.read_parquet(ratings_dir(cache_dir, scale))
-        liked = frame[frame["rating"] >= LIKE_THRESHOLD]
-        counts = liked["item_id"].value_counts()
-        ranked = counts.sort_index().sort_values(ascending=False, kind="stable")
-        keep = ranked.index[:n_items].to_numpy()
-        partial = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        write_partitions(liked[np.isin(liked["item_id"].to_numpy(), keep)], partial, n_files=4)
-        partial.rename(directory)
+        _write_most_liked(pd.read_parquet(ratings_dir(cache_dir, scale)), n_items, directory)
     return directory
+
+
+@dataclass(frozen=True)
+class ManyItems:
+    """A ratings set with many liked items, for the large co-occurrence embedding (M × M too big to hold).
+
+    ``n_item_ids`` item ids are generated so that at least ``n_liked_items``
+    of them get a like despite the heavy tail (tail items are rated lower,
+    so most of them never reach 4); the ``n_liked_items`` most liked are kept,
+    so M is exactly ``n_liked_items``.
+    """
+
+    n_ratings: int
+    n_users: int
+    n_item_ids: int
+    n_liked_items: int
+    block_size: int
+
+
+MANY_ITEMS: dict[str, ManyItems] = {
+    # Seconds: M = 3,000 of ~3,900 liked items, X with ~0.3 M non-zeros.
+    "tiny": ManyItems(60_000, 1_500, 8_000, 3_000, 1024),
+    # M = 100,000 of ~128,000 liked items (1.52 M likes by ~98,000 users), X = SᵀS with 40.7 M
+    # non-zeros. Generating takes about 3 minutes on 2 cores (once, cached). ~80 ratings per user
+    # keeps X in the tens of millions: its non-zeros grow with Σ_u likes_u², not with M. The block
+    # size keeps the item grid at 13 blocks (91 tiles) rather than 49 (1,225 tiles to schedule).
+    "small": ManyItems(8_000_000, 100_000, 300_000, 100_000, 8192),
+    # The variant's size is the issue's M = 100,000 at every full scale.
+    "ml20m": ManyItems(8_000_000, 100_000, 300_000, 100_000, 8192),
+}
+
+
+def many_items_dir(cache_dir: Path, scale: Scale) -> tuple[Path, ManyItems]:
+    """Generate (once) the scale's many-items likes as Parquet; returns the directory and its shape."""
+    shape = MANY_ITEMS[scale.name]
+    directory = cache_dir / scale.name / f"many-items-top{shape.n_liked_items}"
+    if not directory.exists():
+        frame = synthetic_ratings(
+            shape.n_ratings, n_users=shape.n_users, n_items=shape.n_item_ids, seed=DATA_SEED
+        )
+        kept = _write_most_liked(frame, shape.n_liked_items, directory)
+        if kept < shape.n_liked_items:
+            # The variant is defined by its M; a silently smaller one would mislabel the figures.
+            shutil.rmtree(directory)
+            raise RuntimeError(f"only {kept} items are liked, fewer than M = {shape.n_liked_items}")
+    return directory, shape
 
 
 def prepared_work_dir(

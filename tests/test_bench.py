@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mf_dist.bench.data import DATA_SEED, LIKE_THRESHOLD, MANY_ITEMS, SCALES
+from mf_dist.bench.data import MANY_ITEMS
+from mf_dist.bench.scales import DATA_SEED, LIKE_THRESHOLD, SCALES, SUITE_NAMES
 from mf_dist.bench.suites import (
     EMBEDDING_LARGE,
     SUITES,
@@ -158,3 +159,20 @@ def test_relative_frobenius_error_matches_dense():
     w, h = rng.random((60, 4)), rng.random((50, 4))
     dense = np.linalg.norm(x.toarray() - w @ h.T) / np.linalg.norm(x.toarray())
     assert relative_frobenius_error(x.tocsr(), w, h) == pytest.approx(dense, rel=1e-10)
+
+
+def test_the_cli_knows_every_suite_without_importing_them():
+    """``SUITE_NAMES`` (what ``mf-dist bench --help`` and its check read) names exactly the suites."""
+    assert tuple(SUITES) == SUITE_NAMES
+
+
+def test_the_cli_starts_without_torch_or_dask():
+    """``mf-dist --help`` and every error before a run must not wait for torch and Dask to import."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mf_dist.cli; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for heavy in ("'torch'", "'distributed'", "'dask.dataframe'", "'scipy.sparse'", "'matplotlib'"):
+        assert heavy not in loaded, heavy

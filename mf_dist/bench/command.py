@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from mf_dist.bench.data import SCALES, ScaleName
 from mf_dist.bench.measure import SideContext, SideFailedError, run_side_process
 from mf_dist.bench.results import BenchReport, SuiteResult, print_report
-from mf_dist.bench.suites import SUITES, Suite, Variant
-from mf_dist.cluster import compute_device
+from mf_dist.bench.scales import SCALES, SUITE_NAMES, ScaleName
 from mf_dist.config import DeviceName
 from mf_dist.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mf_dist.bench.suites import Suite, Variant
 
 VERSIONED_PACKAGES = ("numpy", "scipy", "torch", "dask", "distributed", "scikit-learn", "implicit", "pyspark")
 
@@ -90,7 +91,7 @@ def run_suite(suite: Suite, scale_name: str, device: str, workers: int, cache_di
 
 def bench(
     suite: Annotated[
-        Optional[str], typer.Argument(help=f"One of: {', '.join(SUITES)} (default: all of them).")
+        Optional[str], typer.Argument(help=f"One of: {', '.join(SUITE_NAMES)} (default: all of them).")
     ] = None,
     scale: Annotated[ScaleName, typer.Option(help="tiny (seconds), small (minutes), ml20m.")] = "tiny",
     device: Annotated[DeviceName, typer.Option(help="Where our side computes: cpu or cuda.")] = "cpu",
@@ -101,8 +102,13 @@ def bench(
     ] = None,
 ) -> None:
     """Time our stages against reference implementations on generated data, with quality and memory."""
-    if suite is not None and suite not in SUITES:
-        raise ConfigError(f"unknown bench suite {suite!r}; choose one of {', '.join(SUITES)}")
+    if suite is not None and suite not in SUITE_NAMES:
+        raise ConfigError(f"unknown bench suite {suite!r}; choose one of {', '.join(SUITE_NAMES)}")
+    # The suites import torch, Dask and scipy: seconds that every other
+    # command, and `mf-dist --help`, should not pay.
+    from mf_dist.bench.suites import SUITES
+    from mf_dist.cluster import compute_device
+
     if device == "cuda":
         # Raises a ConfigError naming the process when no GPU is visible.
         compute_device("cuda")

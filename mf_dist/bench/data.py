@@ -18,39 +18,14 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from mf_dist.bench.scales import DATA_SEED, LIKE_THRESHOLD, Scale
 from mf_dist.cluster import open_client
 from mf_dist.ingest import ingest_ratings
 from mf_dist.synthetic import synthetic_ratings, write_partitions
-
-ScaleName = Literal["tiny", "small", "ml20m"]
-LIKE_THRESHOLD = 4.0
-DATA_SEED = 20
-
-
-@dataclass(frozen=True)
-class Scale:
-    """The shape of one benchmark data set and the block size the pipeline uses on it."""
-
-    name: ScaleName
-    n_ratings: int
-    n_users: int
-    n_items: int
-    block_size: int
-
-
-SCALES: dict[str, Scale] = {
-    # Seconds: enough for CI to prove every suite runs end to end.
-    "tiny": Scale("tiny", 30_000, 600, 1_000, 128),
-    # A tenth of ML-20M's ratings on a tenth of its users and ~37% of its items.
-    "small": Scale("small", 2_000_000, 13_850, 10_000, 2048),
-    # MovieLens 20M's shape: 138,493 users × 26,744 items, 20,000,263 ratings.
-    "ml20m": Scale("ml20m", 20_000_263, 138_493, 26_744, 4096),
-}
 
 
 def ratings_dir(cache_dir: Path, scale: Scale) -> Path:

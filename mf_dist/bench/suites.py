@@ -26,14 +26,13 @@ import torch
 from distributed import Client
 
 from mf_dist.bench.data import (
-    LIKE_THRESHOLD,
-    Scale,
     many_items_dir,
     most_liked_items_dir,
     prepared_work_dir,
     ratings_dir,
 )
 from mf_dist.bench.measure import SideContext, Timed, stopwatch
+from mf_dist.bench.scales import LIKE_THRESHOLD, Scale
 from mf_dist.cluster import open_client
 from mf_dist.config import MODEL_DEFAULTS, TrainSettings
 from mf_dist.cooccur import cooccurrence_blocks, load_cooccurrence_result

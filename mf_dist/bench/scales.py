@@ -1,0 +1,45 @@
+"""The benchmark's scales and suite names: what the CLI needs before it imports any suite.
+
+``mf-dist --help`` and every other command import this, so it holds plain
+data only; the suites themselves (torch, Dask, scipy) load when a bench runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SUITE_NAMES = (
+    "cooccurrence",
+    "implicit-als",
+    "explicit-als",
+    "nmf",
+    "cooccurrence-embedding",
+    "end-to-end",
+)
+"""The names of :data:`mf_dist.bench.suites.SUITES`, in order (a test keeps them equal)."""
+
+ScaleName = Literal["tiny", "small", "ml20m"]
+LIKE_THRESHOLD = 4.0
+DATA_SEED = 20
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The shape of one benchmark data set and the block size the pipeline uses on it."""
+
+    name: ScaleName
+    n_ratings: int
+    n_users: int
+    n_items: int
+    block_size: int
+
+
+SCALES: dict[str, Scale] = {
+    # Seconds: enough for CI to prove every suite runs end to end.
+    "tiny": Scale("tiny", 30_000, 600, 1_000, 128),
+    # A tenth of ML-20M's ratings on a tenth of its users and ~37% of its items.
+    "small": Scale("small", 2_000_000, 13_850, 10_000, 2048),
+    # MovieLens 20M's shape: 138,493 users × 26,744 items, 20,000,263 ratings.
+    "ml20m": Scale("ml20m", 20_000_263, 138_493, 26_744, 4096),
+}

@@ -211,8 +211,10 @@ class ImplicitModel:
         self.resources = resources
         self.update: Callable[..., ScoredRowBlock] = als_block if settings.solver == "als" else gradient_block
         self.sides = load_ratings_sides(client, ingest, liked_only=True, resources=resources)
-        self.user_pieces = self._pieces(self.sides.users, ingest.user_grid)
-        self.item_pieces = self._pieces(self.sides.items, ingest.item_grid)
+        # Cut on first use: finding the item pieces waits for the item side's
+        # shuffle, which then runs while the first user updates do.
+        self.user_pieces: list[list[tuple[Future, RowRange]]] | None = None
+        self.item_pieces: list[list[tuple[Future, RowRange]]] | None = None
         initial = initial or {}
         self.users = initial.get("users") or self._random_blocks(ingest.user_grid, 0)
         self.items = initial.get("items") or self._random_blocks(ingest.item_grid, 1)
@@ -297,7 +299,11 @@ class ImplicitModel:
         return updated
 
     def run_epoch(self, epoch: int) -> list[Measurement]:
+        if self.user_pieces is None:
+            self.user_pieces = self._pieces(self.sides.users, self.ingest.user_grid)
         self.users = self._update_side(self.user_pieces, self.users, self.items, False)
+        if self.item_pieces is None:
+            self.item_pieces = self._pieces(self.sides.items, self.ingest.item_grid)
         # The item tasks also return the liked loss terms and Gram matrices at the new factors.
         self.items = self._update_side(self.item_pieces, self.items, self.users, True)
         terms, user_gram, item_gram = self.client.gather(

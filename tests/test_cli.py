@@ -89,6 +89,7 @@ def test_nonsense_flag_value_is_rejected_by_the_parser():
     assert "'svd' is not one of" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_from_config_file_with_flag_override(client, tmp_path, tiny_input):
     """A real ``mf-dist run`` process: its own temporary Prefect server, our test cluster."""
     output = tmp_path / "out"

@@ -67,7 +67,9 @@ def test_every_configured_solver_is_implemented():
     assert {(m, s) for m, solvers in MODEL_SOLVERS.items() for s in solvers} == set(MODELS)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# One worker is in the slow tier: the default run checks determinism on two
+# (the harder case) and test_one_and_two_workers_agree covers one.
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])
 @pytest.mark.parametrize(("model", "solver"), MODEL_SOLVER_PAIRS)
 def test_loss_decreases_and_is_deterministic(clients, tmp_path, tiny_input, model, solver, workers):
     """Training lowers the loss; the same seed and worker count give identical factors."""

@@ -48,21 +48,6 @@ def client(clients: dict[int, Client]) -> Client:
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[str]:
-    """One temporary Prefect server (SQLite in a temp directory) for the session's flow runs; its API URL.
-
-    Started once: on 2 cores each start takes 10-20 s. Modules that need a
-    server of their own (deployments, workers) define their own fixture of
-    this name.
-    """
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield str(PREFECT_API_URL.value())
-
-
-@pytest.fixture(scope="session")
 def tiny_ratings() -> pd.DataFrame:
     """About 3,000 ratings: 60 users × 300 items, heavy-tailed, no duplicates."""
     return synthetic_ratings(3000, n_users=60, n_items=300, seed=7)

@@ -13,10 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import typer
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
 
 from mf_dist.cli import app
 from mf_dist.errors import MfDistError
@@ -28,9 +31,10 @@ RUN_FLAGS = ["--rank", "2", "--epochs", "2", "--block-size", "64", "--quiet"]
 
 
 @pytest.fixture(scope="package")
-def prefect_api(prefect_server: str) -> str:
-    """The session's temporary Prefect server: its API URL, for subprocesses too."""
-    return prefect_server
+def prefect_api() -> Iterator[str]:
+    """A temporary Prefect server for the whole suite; its API URL, for subprocesses too."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
 
 
 def cli(*args: str | Path) -> Exception | None:

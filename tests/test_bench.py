@@ -41,12 +41,13 @@ def _available(suite: str) -> bool:
     return chosen.reference_unavailable() is None and chosen.ours_unavailable() is None
 
 
-# The co-occurrence suite runs on every CI run (it proves `mf-dist bench` works
-# end to end); the others start more clusters and are in the slow tier.
+# Every suite runs both sides as child processes with their own clusters
+# (half a minute each on 2 cores): the slow tier. The default run keeps the
+# command's own checks below.
 @pytest.mark.parametrize(
     "suite",
     [
-        "cooccurrence",
+        pytest.param("cooccurrence", marks=pytest.mark.slow),
         pytest.param("cooccurrence-embedding", marks=pytest.mark.slow),
         pytest.param(
             "nmf",

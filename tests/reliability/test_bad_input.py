@@ -362,7 +362,33 @@ def test_the_corpus_is_large_enough():
     assert len(CASES) >= 20
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# The default run (CI) checks one case of each kind; those that get as far as
+# the flow cost seconds each on 2 cores, so the rest run in the slow tier.
+DEFAULT_TIER = {
+    "missing item column",
+    "string ratings",
+    "input path that does not exist",
+    "corrupt data pages behind a good footer",
+    "null ids",
+    "NaN rating",
+    "rating above --rating-max",
+    "no rating reaches --like-threshold",
+    "duplicate pair, --duplicates error",
+    "rank larger than the number of items",
+    "output inside the input",
+    "config file with an unknown key",
+    "flag with a nonsense choice: --model svd",
+    "learning rate that diverges",
+}
+
+
+def test_the_default_tier_names_real_cases():
+    assert set(CASES) >= DEFAULT_TIER
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=() if name in DEFAULT_TIER else pytest.mark.slow) for name in CASES]
+)
 def test_bad_input_is_refused_and_leaves_the_tables_alone(client, tmp_path, output_copy, name):
     case = CASES[name]
     before = table_files(output_copy)
@@ -427,7 +453,9 @@ UNUSUAL = {
 }
 
 
-@pytest.mark.parametrize("name", list(UNUSUAL))
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=() if name == "Unicode ids" else pytest.mark.slow) for name in UNUSUAL]
+)
 def test_unusual_input_runs_to_the_end(client, tmp_path, tiny_ratings, name):
     frame = UNUSUAL[name](tiny_ratings)
     source = write_input(frame, tmp_path / "in", 2)

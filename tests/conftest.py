@@ -47,6 +47,20 @@ def client(clients: dict[int, Client]) -> Client:
     return clients[2]
 
 
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    """A temporary Prefect server (SQLite in a temp directory) for one test module's in-process flow runs.
+
+    One per module, started and stopped in turn: two of them alive at once in
+    one process lose the in-process runs' records. Modules that need a real
+    ``prefect server`` process define their own fixture of this name.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_ratings() -> pd.DataFrame:
     """About 3,000 ratings: 60 users × 300 items, heavy-tailed, no duplicates."""

@@ -31,7 +31,6 @@ import jsonschema
 import psutil
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import factorization_pipeline
 from mf_dist.batch_clusters import (
@@ -128,12 +127,6 @@ def test_slurm_cluster_submits_the_same_script():
     assert directives(script) == directives(slurm_job_script(settings, 1, address))
     assert option(worker_command(script), "--resources") == "GPU=1"
     assert address in worker_command(script)
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from distributed import Client, SpecCluster
-from prefect.testing.utilities import prefect_test_harness
 
 import mf_dist.cluster
 from flows.pipeline import factorization_pipeline
@@ -28,12 +27,6 @@ from mf_dist.config import load_config
 from tests.conftest import REPO
 from tests.dask_placement import PlacementRecorder, placement_records
 from tests.processes import BIN, process_group, wait_until
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture

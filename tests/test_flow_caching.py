@@ -8,7 +8,6 @@ which were taken from the cache is read back from the Prefect API.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.states import Failed
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import (
     OPERATIONAL_SETTINGS,
@@ -35,12 +33,6 @@ from flows.pipeline import (
 from flows.stage_cache import clear_stamp, stage_key, stamp_matches, write_stamp
 from mf_dist.config import RunConfig, load_config
 from mf_dist.errors import InputError
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def task_states(flow_run_id) -> dict[str, tuple[str, int]]:

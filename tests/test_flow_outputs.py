@@ -10,7 +10,6 @@ brute-force ones of the published vectors.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import duckdb
 import numpy as np
@@ -18,7 +17,6 @@ import pandas as pd
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PipelineSummary, factorization_pipeline
 from mf_dist import read_embeddings
@@ -34,7 +32,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def flow_run(client, tmp_path_factory, tiny_ratings) -> Iterator[tuple[PipelineSummary, object, object]]:
+def flow_run(
+    prefect_server, client, tmp_path_factory, tiny_ratings
+) -> tuple[PipelineSummary, object, object]:
     directory = tmp_path_factory.mktemp("flow")
     source = write_input(tiny_ratings, directory / "in")
     config = load_config(
@@ -48,8 +48,7 @@ def flow_run(client, tmp_path_factory, tiny_ratings) -> Iterator[tuple[PipelineS
         scheduler=client.scheduler.address,
         neighbors=3,
     )
-    with prefect_test_harness(server_startup_timeout=120):
-        yield factorization_pipeline(config), directory / "out", tiny_ratings
+    return factorization_pipeline(config), directory / "out", tiny_ratings
 
 
 @pytest.mark.parametrize("table", ["items", "users"])

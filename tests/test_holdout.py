@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import factorization_pipeline
 from mf_dist.config import load_config
@@ -37,12 +36,6 @@ def test_split_is_reproducible_disjoint_and_about_the_share(client, tmp_path, ti
         read_blocks(tmp_path / "c" / "ingest" / "holdout")
     )
     assert first.global_mean == pytest.approx(kept.rating.mean(), rel=1e-6)
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def run(client, source, output, model, **settings):

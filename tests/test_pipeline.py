@@ -8,7 +8,6 @@ once, and the factors reproduce the loss the run reported.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PipelineSummary, factorization_pipeline
 from mf_dist.config import load_config
@@ -35,13 +33,6 @@ MANIFEST_KEYS = {
     "created_at",
     "input_fingerprint",
 }
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    """A temporary Prefect server with its own SQLite database, as a scheduled run would use."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def run_pipeline(client, source: Path, output: Path, model: str, **settings: object) -> PipelineSummary:

@@ -30,6 +30,7 @@ from mf_dist.config import (
     OptimizerName,
     RunConfig,
     SolverName,
+    XProducts,
     load_config,
 )
 from mf_dist.errors import MfDistError
@@ -113,6 +114,10 @@ def run(
         Optional[bool], typer.Option("--log-target/--no-log-target", help="Weighted loss: fit log X.")
     ] = None,
     target: Annotated[Optional[NmfTarget], typer.Option(help="NMF: cooccurrence (X) or ratings (S).")] = None,
+    x_products: Annotated[
+        Optional[XProducts],
+        typer.Option(help="Products with X: from its tiles, or S^T(S V) from the likes (auto: cheaper)."),
+    ] = None,
     tolerance: Annotated[
         Optional[float], typer.Option(help="Stop when an epoch improves the loss by less than this fraction.")
     ] = None,

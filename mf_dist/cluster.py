@@ -10,6 +10,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+import dask
 import torch
 from distributed import Client, LocalCluster, Nanny, SpecCluster
 from distributed.scheduler import Scheduler
@@ -29,6 +30,25 @@ LOOPBACK_SCHEDULER = {
     "cls": Scheduler,
     "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": SCHEDULER_HTTP_ADDRESS},
 }
+
+
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ = 64 KiB, so that
+# freed memory goes back to the OS at once. Setting it also freezes glibc's
+# mmap threshold at 128 KiB: every factor block, product and CG buffer is then
+# a fresh mmap whose pages fault in again on first touch, which cost a third
+# of the time of the ALS and embedding updates (docs/benchmarks.md). Freed
+# blocks up to 32 MiB (glibc's largest mmap threshold) stay in the heap for
+# reuse instead; a heap still shrinks once 256 MiB at its top are free.
+# As with any pre-spawn variable, a value already in the environment wins.
+WORKER_ALLOCATOR_ENVIRON = {
+    "MALLOC_TRIM_THRESHOLD_": 256 * 1024 * 1024,
+    "MALLOC_MMAP_THRESHOLD_": 32 * 1024 * 1024,
+}
+
+
+def worker_environ() -> dict[str, object]:
+    """The environment the nannies of clusters started here give their workers before they spawn."""
+    return {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ALLOCATOR_ENVIRON}
 
 
 def visible_gpu_count() -> int:
@@ -79,8 +99,11 @@ def open_client(
         return
 
     gpus = visible_gpu_ids()
+    # Nannies read their workers' environment when they are created.
+    allocator = dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
     if gpus:
         with (
+            allocator,
             SpecCluster(
                 workers=gpu_worker_specs(gpus, threads_per_worker),
                 scheduler=LOOPBACK_SCHEDULER,
@@ -90,6 +113,7 @@ def open_client(
             yield client
         return
     with (
+        allocator,
         LocalCluster(
             n_workers=workers,
             threads_per_worker=threads_per_worker,

@@ -24,6 +24,7 @@ OptimizerName = Literal["adam", "adagrad"]
 AlsMethod = Literal["cg", "cholesky"]
 CooccurrenceLoss = Literal["squared", "weighted"]
 NmfTarget = Literal["cooccurrence", "ratings"]
+XProducts = Literal["auto", "tiles", "likes"]
 DuplicatePolicy = Literal["auto", "last", "sum", "mean", "error"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
@@ -96,6 +97,7 @@ class TrainSettings(BaseModel):
     weight_power: float = Field(0.75, gt=0)
     log_target: bool = False
     target: Literal["cooccurrence", "ratings"] = "cooccurrence"
+    x_products: XProducts = "auto"
     tolerance: float = Field(0.0, ge=0)
     seed: int = Field(0, ge=0)
     device: DeviceName = "auto"
@@ -154,6 +156,13 @@ class RunConfig(BaseModel):
     log_target: bool = Field(False, description="Weighted loss: fit log X_ij instead of X_ij.")
     target: NmfTarget = Field(
         "cooccurrence", description="NMF: factorize X = S^T S or the liked matrix S itself."
+    )
+    x_products: XProducts = Field(
+        "auto",
+        description=(
+            "Co-occurrence gradient and NMF of X: products X V from X's stored tiles, or as "
+            "S^T (S V) from the likes (2 x likes x k work instead of nnz(X) x k); auto picks the cheaper."
+        ),
     )
     tolerance: float = Field(
         1e-4, ge=0, description="Stop when an epoch improves the loss by less than this fraction (0: never)."
@@ -271,6 +280,7 @@ class RunConfig(BaseModel):
             weight_power=self.weight_power,
             log_target=self.log_target,
             target=self.target,
+            x_products=self.x_products,
             tolerance=self.tolerance,
             seed=self.seed,
             device=self.device,

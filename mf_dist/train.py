@@ -31,6 +31,7 @@ from mf_dist.trainers.epoch_loop import ShardedModel, run_epochs
 from mf_dist.trainers.explicit import ExplicitGradient
 from mf_dist.trainers.explicit_als import ExplicitALS
 from mf_dist.trainers.implicit import ImplicitModel
+from mf_dist.trainers.liked_products import liked_products_if_cheaper
 from mf_dist.trainers.nmf import build_nmf
 from mf_dist.trainers.warm_start import align_published_table
 
@@ -45,9 +46,11 @@ ModelFactory = Callable[
 
 
 def _cooccurrence_gradient(client, work_dir, ingest, settings, resources, initial):  # noqa: ANN001, ANN202
+    cooccurrence = load_cooccurrence_result(work_dir)
     if settings.loss == "weighted":
-        return CooccurrenceWeighted(client, load_cooccurrence_result(work_dir), settings, resources, initial)
-    return CooccurrenceGradient(client, load_cooccurrence_result(work_dir), settings, resources, initial)
+        return CooccurrenceWeighted(client, cooccurrence, settings, resources, initial)
+    liked = liked_products_if_cheaper(client, ingest, cooccurrence, settings, resources)
+    return CooccurrenceGradient(client, cooccurrence, settings, resources, initial, liked=liked)
 
 
 def _cooccurrence_als(client, work_dir, ingest, settings, resources, initial):  # noqa: ANN001, ANN202

@@ -6,11 +6,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
 
-from mf_dist.cluster import SCHEDULER_HTTP_ADDRESS
+from mf_dist.cluster import SCHEDULER_HTTP_ADDRESS, worker_environ
 from mf_dist.synthetic import synthetic_ratings, write_partitions
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -20,14 +21,16 @@ MOVIELENS_100K = REPO.parent / "shared" / "data" / "ml-100k.tsv"
 
 
 def start_client(workers: int) -> tuple[LocalCluster, Client]:
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP_ADDRESS},
-    )
+    """A local cluster as :func:`mf_dist.cluster.open_client` starts one, kept open for the session."""
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP_ADDRESS},
+        )
     return cluster, Client(cluster)
 
 

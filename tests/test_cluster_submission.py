@@ -22,7 +22,13 @@ from distributed import Client, SpecCluster
 
 import mf_dist.cluster
 from flows.pipeline import factorization_pipeline
-from mf_dist.cluster import LOOPBACK_SCHEDULER, gpu_worker_specs, training_resources, visible_gpu_ids
+from mf_dist.cluster import (
+    LOOPBACK_SCHEDULER,
+    gpu_worker_specs,
+    open_client,
+    training_resources,
+    visible_gpu_ids,
+)
 from mf_dist.config import load_config
 from tests.conftest import REPO
 from tests.dask_placement import PlacementRecorder, placement_records
@@ -100,6 +106,25 @@ def test_one_worker_per_gpu_sees_only_its_gpu():
         assert {w["nthreads"] for w in workers} == {1}
         assert all(address.startswith("tcp://127.0.0.1:") for address in seen)
         assert training_resources(client) == {"GPU": 1}
+
+
+def test_local_workers_keep_freed_blocks_for_reuse(monkeypatch):
+    """Workers of a cluster started here get the allocator settings (and Dask's own thread limits).
+
+    Variables already in this process's environment win over Dask's config,
+    and a nanny started in this process (another test's) leaves its own there.
+    """
+    import dask
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    before = dask.config.get("distributed.nanny.pre-spawn-environ")
+    with open_client(workers=1) as client:
+        seen = next(iter(client.run(lambda: dict(os.environ)).values()))
+    assert seen["MALLOC_MMAP_THRESHOLD_"] == str(32 * 1024 * 1024)
+    assert seen["MALLOC_TRIM_THRESHOLD_"] == str(256 * 1024 * 1024)
+    assert seen["OMP_NUM_THREADS"] == "1"
+    assert dask.config.get("distributed.nanny.pre-spawn-environ") == before
 
 
 def test_training_asks_for_no_resource_without_gpu_workers(client):

@@ -220,10 +220,15 @@ def read_table(result, name: str) -> np.ndarray:
     return np.concatenate([table.read_block(b)[0] for b in range(table.grid.n_blocks)])
 
 
-@pytest.mark.parametrize("target", ["cooccurrence", "ratings"])
-def test_trainer_matches_sklearn(client, nmf_work, tiny_ratings, target):
-    """The distributed mu solver ends within 1% of scikit-learn's loss from the same start (float64)."""
-    s = settings(target=target)
+@pytest.mark.parametrize(
+    ("target", "x_products"), [("cooccurrence", "tiles"), ("cooccurrence", "likes"), ("ratings", "auto")]
+)
+def test_trainer_matches_sklearn(client, nmf_work, tiny_ratings, target, x_products):
+    """The distributed mu solver ends within 1% of scikit-learn's loss from the same start (float64).
+
+    X's products come from its stored tiles or as Sᵀ(S H) from the likes: both must match.
+    """
+    s = settings(target=target, x_products=x_products)
     result = train_factors(client, nmf_work, s)
     liked = liked_matrix(tiny_ratings, nmf_work)
     x = (liked.T @ liked).toarray() if target == "cooccurrence" else liked.toarray()

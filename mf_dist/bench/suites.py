@@ -41,6 +41,7 @@ from mf_dist.factor_files import FactorTable, TrainResult, write_factor_block
 from mf_dist.ingest import IngestResult, load_ingest_result
 from mf_dist.models.cooccurrence import initial_scale
 from mf_dist.train import MODELS, train_factors
+from mf_dist.trainers.liked_products import choose_x_products
 
 HOLDOUT_SHARE = 0.2
 REFERENCE_THREADS = 2
@@ -117,6 +118,12 @@ def _settings(context: SideContext, model: str, solver: str, **overrides: object
     }
     values.update(overrides)
     return TrainSettings(**values)
+
+
+def _x_products_route(context: SideContext, settings: TrainSettings) -> str:
+    """Where our products with X came from (tiles or likes), as the trainer chose it."""
+    cooccurrence = load_cooccurrence_result(context.work_dir)
+    return choose_x_products(settings.x_products, cooccurrence, _ingest(context).n_likes)
 
 
 def relative_frobenius_error(x: sp.csr_matrix, w: np.ndarray, h: np.ndarray) -> float:
@@ -467,13 +474,14 @@ def nmf_ours(context: SideContext) -> Timed:
     settings = _settings(context, "nmf", "mu", rank=64, epochs=iterations_for(context.scale, 20, tiny=5))
     trained, seconds, _ = train_ours(context, settings, with_cooccurrence=True, evaluate=False)
     ingest = _ingest(context)
+    route = _x_products_route(context, settings)
     error = relative_frobenius_error(
         _cooccurrence_matrix(ingest),
         _read_table(trained.table("items")),
         _read_table(trained.table("contexts")),
     )
     return Timed(
-        implementation=f"nmf/mu on X, k=64, {context.workers} workers",
+        implementation=f"nmf/mu on X (products from the {route}), k=64, {context.workers} workers",
         seconds=seconds,
         iterations=trained.epochs,
         quality_name="‖X−WHᵀ‖/‖X‖",
@@ -561,9 +569,11 @@ def embedding_ours(context: SideContext) -> Timed:
     trained, seconds, _ = train_ours(context, settings, with_cooccurrence=True, evaluate=False)
     # The untimed stage's own record of X: its size is what the dense loop could not hold.
     cooccurrence = load_cooccurrence_result(context.work_dir)
+    route = _x_products_route(context, settings)
     return Timed(
         implementation=(
-            f"cooccurrence/gradient (Adam), M={ingest.n_items}, D={rank}, {context.workers} workers"
+            f"cooccurrence/gradient (Adam, products from the {route}), M={ingest.n_items}, D={rank}, "
+            f"{context.workers} workers"
         ),
         seconds=seconds,
         iterations=trained.epochs,

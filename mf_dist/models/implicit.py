@@ -95,10 +95,11 @@ def cg_update_rows(
     pattern = normal_equations.csr_matrix(rows, cols, torch.ones_like(weights), n_rows, n_cols)
     crow, pattern_cols = pattern.crow_indices(), pattern.col_indices()
     extra = weights - 1
-    # Buffers reused by every matvec: Dask workers run with a 64 KiB
-    # MALLOC_TRIM_THRESHOLD_, under which every large tensor allocated and
-    # freed is a fresh mmap whose pages fault in again, which doubled the
-    # time of a block update before these were reused.
+    # Buffers reused by every matvec: under Dask's default worker environment
+    # (MALLOC_TRIM_THRESHOLD_ 64 KiB, which clusters not started by
+    # mf_dist.cluster still have) every large tensor allocated and freed is a
+    # fresh mmap whose pages fault in again, which doubled the time of a
+    # block update before these were reused.
     sampled = pattern.clone()
     weighted_values = torch.empty_like(extra)
     weighted = normal_equations.with_values(crow, pattern_cols, weighted_values, n_rows, n_cols)

@@ -3,13 +3,15 @@
 Per epoch, on the workers:
 
 1. G = Σ_b V_bᵀV_b — one k × k block per row block, summed (the all-reduce);
-2. for every stored tile X₀_bc (b <= c), where the tile lives: X₀_bc V_c and
-   X₀_bcᵀ V_b, summed per row block into (X₀V)_b;
+2. (X₀V)_b for every row block: from the stored tiles X₀_bc (b <= c), where
+   each tile lives, X₀_bc V_c and X₀_bcᵀ V_b summed per row block; or, when
+   that is cheaper, as Sᵀ(S V) − diag(d) V from the likes
+   (:mod:`mf_dist.trainers.liked_products`), with no tile loaded at all;
 3. per row block: loss terms, gradient 4 (V_b G − diag(‖v‖²) V_b − (X₀V)_b),
    one Adam step.
 
-Tiles are loaded once and stay on their worker (on its GPU when it has one);
-only the factor blocks (rows × k) and k × k Gram blocks travel. The driver
+Tiles (or likes) are loaded once and stay on their worker (on its GPU when it
+has one); only the factor blocks (rows × k) and k × k Gram blocks travel. The driver
 sees scalars only.
 """
 
@@ -31,6 +33,7 @@ from mf_dist.factor_files import FactorTable, block_seed
 from mf_dist.models import cooccurrence as objective
 from mf_dist.solvers.gradient import OptimizerState, RowBlock, optimizer_step
 from mf_dist.trainers.epoch_loop import Measurement
+from mf_dist.trainers.liked_products import LikedGramProducts
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +170,11 @@ class CooccurrenceGradient:
         settings: TrainSettings,
         resources: dict[str, float] | None,
         initial: dict[str, list[Future]] | None = None,
+        liked: LikedGramProducts | None = None,
     ) -> None:
+        """``liked`` computes X₀V from the likes; without it X₀V comes from the stored tiles."""
         self.client = client
+        self.liked = liked
         self.cooccurrence = cooccurrence
         self.settings = settings
         self.grid = cooccurrence.item_grid
@@ -193,6 +199,7 @@ class CooccurrenceGradient:
                 self.device,
             )
             for info in cooccurrence.tiles
+            if liked is None
         }
         self.updates_done = 0
         if initial and "items" in initial:
@@ -218,6 +225,8 @@ class CooccurrenceGradient:
         gram = self.client.submit(
             sum_tensors, *[self._submit(block_gram, v) for v in self.vectors], pure=False
         )
+        if self.liked is not None:
+            return gram, self.liked.offdiagonal_products(self.vectors)
         parts: list[list[Future]] = [[] for _ in range(self.grid.n_blocks)]
         for (b, c), tile in self.tiles.items():
             products = self._submit(tile_products, tile, self.vectors[b], self.vectors[c])

@@ -5,7 +5,9 @@ Two targets (``settings.target``):
 - ``cooccurrence``: X = SᵀS with its diagonal (the like counts, stored apart
   from the tiles), items × items; W is the ``items`` table, H the
   ``contexts`` table, both keyed by item id. X is symmetric, so Xᵀ W uses
-  the same tiles as X H.
+  the same tiles as X H; where it is cheaper (``settings.x_products``), X H
+  is Sᵀ(S H) from the likes and no tile is read
+  (:mod:`mf_dist.trainers.liked_products`).
 - ``ratings``: X = S, the binary users × items liked matrix; W is the
   ``users`` table, H the ``items`` table. S H and Sᵀ W come from the liked
   entries of each user block and each item block
@@ -54,6 +56,7 @@ from mf_dist.trainers.cooccurrence import (
 )
 from mf_dist.trainers.cooccurrence_als import TileKey, tile_product_parts
 from mf_dist.trainers.epoch_loop import Measurement
+from mf_dist.trainers.liked_products import LikedGramProducts, liked_products_if_cheaper
 from mf_dist.trainers.ratings_sides import SideEntries, load_ratings_sides
 
 # Gathered rows of the other factor per chunk of liked entries (floats).
@@ -193,6 +196,29 @@ class CooccurrenceTarget:
     backward = forward
 
 
+class LikedCooccurrenceTarget:
+    """X = SᵀS with its diagonal, never stored: X V = Sᵀ(S V) from the likes; rows and columns are items."""
+
+    names = ("items", "contexts")
+
+    def __init__(self, client: Client, cooccurrence: CooccurrenceResult, products: LikedGramProducts) -> None:
+        self.client = client
+        self.products = products
+        self.row_grid = self.col_grid = cooccurrence.item_grid
+        self.n_rows = self.n_cols = cooccurrence.n_items
+        diagonal = client.gather([client.submit(squared_sum, d) for d in products.counts])
+        self.squared_norm = cooccurrence.offdiagonal_sum_of_squares + sum(q for _, q in diagonal)
+
+    def mean(self) -> float:
+        return self.products.total() / max(1, self.n_rows * self.n_cols)
+
+    def forward(self, vectors: list[Future]) -> list[list[Future]]:
+        """(X V)_b for every block of V, one part each (X symmetric: also Xᵀ V)."""
+        return [[product] for product in self.products.products(vectors)]
+
+    backward = forward
+
+
 class RatingsTarget:
     """X = S, the binary liked matrix, as liked entries per user block and per item block."""
 
@@ -225,7 +251,7 @@ class RatingsTarget:
         return [[self._submit(liked_product, e, self.device, *user_vectors)] for e in self.sides.items]
 
 
-Target = CooccurrenceTarget | RatingsTarget
+Target = CooccurrenceTarget | LikedCooccurrenceTarget | RatingsTarget
 
 
 class NMFModel:
@@ -341,7 +367,12 @@ def build_nmf(
     """The NMF model on the target ``settings.target`` names (co-occurrence tiles or liked entries)."""
     target: Target
     if settings.target == "cooccurrence":
-        target = CooccurrenceTarget(client, load_cooccurrence_result(work_dir), settings.device, resources)
+        cooccurrence = load_cooccurrence_result(work_dir)
+        liked = liked_products_if_cheaper(client, ingest, cooccurrence, settings, resources)
+        if liked is None:
+            target = CooccurrenceTarget(client, cooccurrence, settings.device, resources)
+        else:
+            target = LikedCooccurrenceTarget(client, cooccurrence, liked)
     else:
         target = RatingsTarget(client, ingest, settings.device, resources)
     return NMFModel(client, target, settings, resources, initial)

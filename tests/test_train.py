@@ -8,12 +8,17 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from mf_dist.config import MODEL_SOLVERS, TrainSettings
 from mf_dist.cooccur import cooccurrence_blocks
 from mf_dist.errors import ConfigError, TrainingError
+from mf_dist.factor_files import FactorTable
 from mf_dist.ingest import ingest_ratings
+from mf_dist.solvers.gradient import RowBlock
 from mf_dist.train import MODELS, train_factors
+from mf_dist.trainers.checkpoints import CheckpointStore
+from mf_dist.trainers.epoch_loop import run_epochs
 
 MODEL_SOLVER_PAIRS = sorted(MODELS)
 
@@ -136,6 +141,53 @@ def test_divergence_is_a_clear_error(client, tmp_path, tiny_input, model, solver
     advice = r"lower --learning-rate \(now 1e\+30\)"
     with pytest.raises(TrainingError, match=rf"(non-finite|diverged) at epoch \d+: .*{advice}"):
         train_factors(client, tmp_path / "work", settings(model, solver, learning_rate=1e30, epochs=6))
+
+
+class FailingAt:
+    """A real model whose ``run_epoch`` raises at one epoch, as a lost worker would."""
+
+    def __init__(self, model, epoch: int) -> None:
+        self.model, self.epoch = model, epoch
+
+    def run_epoch(self, epoch: int):
+        if epoch == self.epoch:
+            raise RuntimeError(f"worker lost during epoch {epoch}")
+        return self.model.run_epoch(epoch)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def test_a_failed_run_leaves_its_last_finished_epoch_to_resume_from(client, tmp_path, tiny_input):
+    """Checkpoints are published one epoch late; a run that fails still publishes the one before."""
+    work = tmp_path / "work"
+    ingest = prepare(client, tiny_input, work, "explicit")
+    chosen = settings("explicit", "als", epochs=6)
+    model = MODELS["explicit", "als"](client, work, ingest, chosen, None, None)
+    store = CheckpointStore(work / "checkpoints" / "explicit", chosen)
+    with pytest.raises(RuntimeError, match="worker lost during epoch 4"):
+        run_epochs(client, FailingAt(model, 4), epochs=6, tolerance=0.0, store=store)
+    latest = store.latest()
+    assert latest is not None and latest.epoch == 3
+    assert [record.epoch for record in latest.history] == [1, 2, 3]
+    resumed = train_factors(client, work, settings("explicit", "als", epochs=6, resume=True))
+    whole = train_factors(client, work, chosen)
+    assert [r.loss for r in resumed.history] == pytest.approx([r.loss for r in whole.history], rel=1e-6)
+
+
+def test_a_checkpoint_is_published_when_it_is_complete(client, tmp_path):
+    """write() starts the saves and publishes the epoch before; complete() publishes the last one."""
+    store = CheckpointStore(tmp_path / "checkpoints", settings("explicit", "als"))
+    table = FactorTable(name="items", directory="", n_rows=3, block_size=2, rank=2, has_bias=False)
+    blocks = [client.scatter(RowBlock(vectors=torch.full((n, 2), float(n)))) for n in (2, 1)]
+    store.write(client, 1, [], {"items": (table, blocks)})
+    assert store.completed_epochs() == []
+    store.write(client, 2, [], {"items": (table, blocks)})
+    assert store.completed_epochs() == [1]
+    store.complete()
+    assert store.completed_epochs() == [1, 2]
+    saved = store.latest().tables[0]
+    np.testing.assert_array_equal(saved.read_block(1)[0], np.ones((1, 2), dtype=np.float32))
 
 
 def test_warm_start_converges_in_fewer_epochs(client, tmp_path, tiny_input):

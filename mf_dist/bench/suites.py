@@ -199,9 +199,12 @@ def warm_workers(client: Client) -> None:
 
     The reference runs in a process that has imported scipy, torch and its
     library before its stopwatch starts; our workers are fresh processes,
-    and their first task would otherwise pay for those imports.
+    and their first task would otherwise pay for those imports. That
+    includes ``torch._dynamo``, which torch imports when the first optimiser
+    is created (1.5 s here): the dense reference creates its Adam before its
+    stopwatch starts.
     """
-    for module in ("mf_dist.cooccur", "mf_dist.train", "mf_dist.evaluation"):
+    for module in ("mf_dist.cooccur", "mf_dist.train", "mf_dist.evaluation", "torch._dynamo"):
         client.run(importlib.import_module, module)
 
 

@@ -9,6 +9,7 @@ continue from the last one with the same result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -122,14 +123,22 @@ def run_epochs(
 
     epoch = first - 1
     stopped_early = False
-    for epoch in range(first, epochs + 1):
-        for measurement in model.run_epoch(epoch):
-            record(measurement)
-        store.write(client, epoch, history, model.factor_blocks())  # type: ignore[arg-type]
-        if converged() and epoch < epochs:
-            logger.info("loss improved by less than %g at epoch %d: stopping early", tolerance, epoch)
-            stopped_early = True
-            break
+    try:
+        for epoch in range(first, epochs + 1):
+            for measurement in model.run_epoch(epoch):
+                record(measurement)
+            store.write(client, epoch, history, model.factor_blocks())  # type: ignore[arg-type]
+            if converged() and epoch < epochs:
+                logger.info("loss improved by less than %g at epoch %d: stopping early", tolerance, epoch)
+                stopped_early = True
+                break
+    except BaseException:
+        # The last epoch that finished is still worth resuming from; its own
+        # failure must not hide the error that stopped the run.
+        with contextlib.suppress(Exception):
+            store.complete()
+        raise
+    store.complete()
     for measurement in model.finish():
         record(measurement)
     return LoopOutcome(history=history, epochs_run=epoch, stopped_early=stopped_early)

@@ -17,8 +17,10 @@ tile).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -27,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
-from distributed import Client
+from distributed import Client, Future
 from pydantic import BaseModel
 
 from mf_dist.blocks import BlockGrid, upper_triangle
@@ -41,6 +43,14 @@ logger = logging.getLogger(__name__)
 # dense int32 tile 4 bytes per entry; past a third non-zero the tile is smaller
 # dense, and dense tiles feed GEMMs instead of sparse products.
 DENSE_TILE_DENSITY = 1 / 3
+
+# A tile with more than this share of the stage's multiply-adds is computed
+# in row pieces of about this share each: enough tasks for two to eight
+# workers to share the crowded tiles of popular items.
+PIECE_SHARE = 1 / 16
+
+# Entries squared at once when summing a tile's squares (8 MiB of int64).
+SQUARES_SLICE = 1 << 20
 
 
 class TileInfo(BaseModel):
@@ -121,6 +131,49 @@ def cooccurrence_tile(left_transposed: sp.csr_matrix, right: sp.csr_matrix) -> s
     return left_transposed @ right
 
 
+def cooccurrence_rows(
+    left_transposed: sp.csr_matrix, right: sp.csr_matrix, start: int, stop: int
+) -> sp.csr_matrix:
+    """Rows ``[start, stop)`` of tile (b, c): the same rows :func:`cooccurrence_tile` would give."""
+    return left_transposed[start:stop] @ right
+
+
+def user_like_counts(column_slab: sp.csr_matrix) -> np.ndarray:
+    """Each user's likes inside one item block (all users, int64): the row lengths of S_{:,c}."""
+    return np.diff(column_slab.indptr).astype(np.int64)
+
+
+def tile_row_work(left_transposed: sp.csr_matrix, right_counts: np.ndarray) -> np.ndarray:
+    """Multiply-adds of each row of tile (b, c): Σ over the users who like item i of their likes in c."""
+    return left_transposed @ right_counts
+
+
+def row_pieces(work: np.ndarray, pieces: int) -> list[tuple[int, int]]:
+    """Cut rows ``[0, len(work))`` into at most ``pieces`` non-empty ranges of about equal total work."""
+    if pieces <= 1 or len(work) <= 1:
+        return [(0, len(work))]
+    cumulative = np.cumsum(work, dtype=np.float64)
+    targets = cumulative[-1] * np.arange(1, pieces) / pieces
+    # Each cut goes after the row in which its target share of the work is reached.
+    cuts = np.unique(np.searchsorted(cumulative, targets, side="left") + 1)
+    bounds = [0, *[int(cut) for cut in cuts if 0 < cut < len(work)], len(work)]
+    return list(itertools.pairwise(bounds))
+
+
+def stack_rows(*pieces: sp.csr_matrix) -> sp.csr_matrix:
+    """A tile from its row pieces, in order (CSR row stacking only concatenates)."""
+    return sp.vstack(pieces, format="csr")
+
+
+def exact_sum_of_squares(counts: np.ndarray) -> int:
+    """Σ c² of integer counts, exactly, in slices: no float64 copy of a tile's 10⁷-odd entries."""
+    total = 0
+    for start in range(0, len(counts), SQUARES_SLICE):
+        piece = counts[start : start + SQUARES_SLICE].astype(np.int64)
+        total += int(piece @ piece)
+    return total
+
+
 def store_tile(
     tile: sp.csr_matrix, row_block: int, col_block: int, directory: str
 ) -> tuple[TileInfo, np.ndarray | None]:
@@ -132,11 +185,10 @@ def store_tile(
     """
     tile = tile.tocsr()
     on_diagonal = row_block == col_block
-    data = tile.data.astype(np.float64)
     diagonal = tile.diagonal().astype(np.int64) if on_diagonal else None
-    on_diagonal_counts = np.zeros(0) if diagonal is None else diagonal.astype(np.float64)
-    nnz = int(np.count_nonzero(data)) - int(np.count_nonzero(on_diagonal_counts))
-    sum_of_squares = float(data @ data - on_diagonal_counts @ on_diagonal_counts)
+    on_diagonal_counts = np.zeros(0, dtype=np.int64) if diagonal is None else diagonal
+    nnz = int(np.count_nonzero(tile.data)) - int(np.count_nonzero(on_diagonal_counts))
+    sum_of_squares = float(exact_sum_of_squares(tile.data) - on_diagonal_counts @ on_diagonal_counts)
     density = nnz / max(1, tile.shape[0] * tile.shape[1])
     name = f"tile-{row_block:05d}-{col_block:05d}"
     if density > DENSE_TILE_DENSITY:
@@ -154,12 +206,14 @@ def store_tile(
         keep = counts != 0
         if on_diagonal:
             keep &= rows != cols
+        if not keep.all():
+            rows, cols, counts = rows[keep], cols[keep], counts[keep]
         pq.write_table(
             pa.Table.from_arrays(
                 [
-                    pa.array(rows[keep]),
-                    pa.array(cols[keep].astype(np.int32)),
-                    pa.array(counts[keep].astype(np.int32)),
+                    pa.array(rows),
+                    pa.array(cols.astype(np.int32, copy=False)),
+                    pa.array(counts.astype(np.int32, copy=False)),
                 ],
                 schema=TILE_SCHEMA,
             ),
@@ -184,6 +238,31 @@ def load_tile(info: TileInfo, shape: tuple[int, int]) -> sp.csr_matrix | np.ndar
     return sp.csr_matrix(
         (table["count"].to_numpy(), (table["row"].to_numpy(), table["col"].to_numpy())), shape=shape
     )
+
+
+def tile_row_pieces(
+    client: Client, columns: list[Future], transposed: list[Future]
+) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """The row ranges each tile (b, c), b <= c, is computed in: one, or several for a crowded tile.
+
+    The multiply-adds of tile (b, c) are Σ_u (likes of u in b)(likes of u in c),
+    and popular items crowd into the first blocks: at ML-20M's shape one
+    diagonal tile holds a third of all the work, and computed in one task it
+    bounded the stage's wall time while the other worker idled. Tiles with
+    more than :data:`PIECE_SHARE` of the total work are cut into row pieces
+    of about that much work each (computed as separate tasks, then stacked:
+    the stored tile is the same, bit for bit).
+    """
+    n_blocks = len(columns)
+    counts = [client.submit(user_like_counts, column) for column in columns]
+    coordinates = upper_triangle(n_blocks)
+    row_work = client.gather([client.submit(tile_row_work, transposed[b], counts[c]) for b, c in coordinates])
+    totals = [float(work.sum()) for work in row_work]
+    share = PIECE_SHARE * sum(totals)
+    return {
+        (b, c): row_pieces(work, math.ceil(total / share) if share > 0 else 1)
+        for (b, c), work, total in zip(coordinates, row_work, totals, strict=True)
+    }
 
 
 def cooccurrence_blocks(client: Client, ingest: IngestResult, work_dir: str | Path) -> CooccurrenceResult:
@@ -217,11 +296,19 @@ def cooccurrence_blocks(client: Client, ingest: IngestResult, work_dir: str | Pa
     ]
     del slabs_per_user_block
     transposed = [client.submit(transposed_slab, column) for column in columns]
+    pieces = tile_row_pieces(client, columns, transposed)
     # Row blocks of popular items come first and hold the costliest tiles:
     # submitted first, they start first, and the cheap tail fills the gaps.
     stored = []
     for b, c in upper_triangle(item_grid.n_blocks):
-        tile = client.submit(cooccurrence_tile, transposed[b], columns[c])
+        if len(pieces[b, c]) == 1:
+            tile = client.submit(cooccurrence_tile, transposed[b], columns[c])
+        else:
+            parts = [
+                client.submit(cooccurrence_rows, transposed[b], columns[c], start, stop)
+                for start, stop in pieces[b, c]
+            ]
+            tile = client.submit(stack_rows, *parts)
         stored.append(client.submit(store_tile, tile, b, c, str(tiles_dir)))
     results: list[tuple[TileInfo, np.ndarray | None]] = client.gather(stored)
     del columns, transposed

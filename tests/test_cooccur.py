@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from mf_dist.cooccur import cooccurrence_blocks, load_tile
+from mf_dist import cooccur
+from mf_dist.cooccur import cooccurrence_blocks, load_tile, row_pieces
 from mf_dist.errors import InputError
 from mf_dist.ingest import ingest_ratings, liked_mask
 
@@ -87,3 +90,38 @@ def test_movielens_100k_equals_scipy(client, tmp_path, movielens_100k):
         assert ingest.n_ratings == 100_000
         np.testing.assert_array_equal(assembled_x(result), scipy_reference(ingest))
         assert {t.layout for t in result.tiles} == {"dense", "sparse"}
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3, 7])
+def test_row_pieces_cover_the_rows_in_order_with_balanced_work(pieces):
+    work = np.array([50, 1, 1, 1, 20, 0, 0, 3, 30, 1, 1, 1], dtype=np.int64)
+    ranges = row_pieces(work, pieces)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(work)
+    assert all(a < b for a, b in ranges) and all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
+    assert len(ranges) <= pieces
+    # No cut can do better than the heaviest row; otherwise each piece stays near its share.
+    heaviest = max(int(work[a:b].sum()) for a, b in ranges)
+    assert heaviest <= max(int(work.max()), 2 * work.sum() / pieces)
+
+
+def test_crowded_tiles_in_row_pieces_store_the_same_tiles(client, tmp_path, tiny_input, monkeypatch):
+    """Cutting the costly tiles into row-piece tasks changes nothing that is stored."""
+    ingest = ingest_ratings(client, str(tiny_input), tmp_path / "work", block_size=37)
+    grid = ingest.item_grid
+    plans, stored = {}, {}
+    planner = cooccur.tile_row_pieces
+    for share in (1.0, 0.01):
+        monkeypatch.setattr(cooccur, "PIECE_SHARE", share)
+        monkeypatch.setattr(
+            cooccur, "tile_row_pieces", lambda *args, share=share: plans.setdefault(share, planner(*args))
+        )
+        result = cooccurrence_blocks(client, ingest, tmp_path / "work")
+        stored[share] = {}
+        for info in result.tiles:
+            shape = (grid.size(info.row_block), grid.size(info.col_block))
+            tile = load_tile(info, shape)
+            dense = tile if isinstance(tile, np.ndarray) else tile.toarray()
+            stored[share][info.row_block, info.col_block] = (info.layout, info.nnz, dense.tolist())
+    assert max(len(ranges) for ranges in plans[1.0].values()) == 1
+    assert max(len(ranges) for ranges in plans[0.01].values()) > 1
+    assert stored[1.0] == stored[0.01]

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 # The temporary Prefect server would try to send telemetry on every start.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect gives its temporary server 20 s to answer; on a busy 2-core machine
+# its start (imports, database check) took longer and the run failed before
+# it began. Waiting longer costs nothing when it starts fast.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     name="mf-dist",

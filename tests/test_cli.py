@@ -105,3 +105,18 @@ def test_run_from_config_file_with_flag_override(client, tmp_path, tiny_input):
     assert manifest["rank"] == 3
     assert manifest["config"]["block_size"] == 100
     assert run_id in result.stdout
+
+
+def test_the_temporary_prefect_server_gets_time_to_start():
+    """The CLI gives Prefect's temporary server 120 s to answer (its default, 20 s, ran out under load)."""
+    setting = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    environment = {k: v for k, v in os.environ.items() if k != setting}
+    code = (
+        "import mf_dist.cli\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().server.ephemeral.startup_timeout_seconds)"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environment, cwd=REPO
+    )
+    assert shown.stdout.strip() == "120"

@@ -3,7 +3,8 @@
 Every scale comes from :func:`mf_dist.synthetic.synthetic_ratings` (heavy-tailed
 item popularity p ∝ 1/(rank + 10)^0.9, at least 20 ratings per user, ratings
 0.5–5 in halves from a low-rank model plus noise, no duplicate pairs) with a
-fixed seed, so every run of a suite sees the same data. "Liked" is rating ≥ 4.
+fixed seed and :data:`~mf_dist.bench.scales.RATING_INTERCEPT`, so every run of a suite sees
+the same data. "Liked" is rating ≥ 4 (35.5 % of ratings at ML-20M's shape).
 
 The large co-occurrence embedding needs far more liked items than any scale
 has (M = 100,000); :data:`MANY_ITEMS` generates, with the same generator and
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mf_dist.bench.scales import DATA_SEED, LIKE_THRESHOLD, Scale
+from mf_dist.bench.scales import DATA_SEED, LIKE_THRESHOLD, RATING_INTERCEPT, Scale
 from mf_dist.cluster import open_client
 from mf_dist.ingest import ingest_ratings
 from mf_dist.synthetic import synthetic_ratings, write_partitions
@@ -30,10 +31,15 @@ from mf_dist.synthetic import synthetic_ratings, write_partitions
 
 def ratings_dir(cache_dir: Path, scale: Scale) -> Path:
     """Generate (once) the scale's ratings as Parquet files; later calls reuse them."""
-    directory = cache_dir / scale.name / "ratings"
+    # The name carries the generator's settings: a cache made with others is not reused.
+    directory = cache_dir / scale.name / f"ratings-seed{DATA_SEED}-mu{RATING_INTERCEPT:g}"
     if not directory.exists():
         frame = synthetic_ratings(
-            scale.n_ratings, n_users=scale.n_users, n_items=scale.n_items, seed=DATA_SEED
+            scale.n_ratings,
+            n_users=scale.n_users,
+            n_items=scale.n_items,
+            intercept=RATING_INTERCEPT,
+            seed=DATA_SEED,
         )
         partial = directory.with_name("ratings.partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -64,9 +70,10 @@ def most_liked_items_dir(cache_dir: Path, scale: Scale, n_items: int) -> Path:
     The suites that fit X restricted to popular items (``nmf``,
     ``cooccurrence-embedding``) ingest this, so both sides see the same X.
     """
-    directory = cache_dir / scale.name / f"top{n_items}"
+    source = ratings_dir(cache_dir, scale)
+    directory = cache_dir / scale.name / f"top{n_items}-of-{source.name}"
     if not directory.exists():
-        _write_most_liked(pd.read_parquet(ratings_dir(cache_dir, scale)), n_items, directory)
+        _write_most_liked(pd.read_parquet(source), n_items, directory)
     return directory
 
 

@@ -40,15 +40,27 @@ def entries_of(matrix: sp.csr_matrix) -> SideEntries:
     )
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(3))
-def test_two_liked_products_equal_the_dense_cooccurrence_product(seed):
-    """Sᵀ(S V) from row blocks of S and Sᵀ equals X V, and minus d ⊙ V equals X₀ V."""
+def test_two_liked_products_equal_the_dense_cooccurrence_product(seed, device):
+    """Sᵀ(S V) from row blocks of S and Sᵀ equals X V, and minus d ⊙ V equals X₀ V, on every device."""
     s = random_likes(seed)
     x = (s.T @ s).toarray().astype(np.float64)
     vectors = torch.randn(s.shape[1], 3, generator=torch.Generator().manual_seed(seed))
-    user_blocks = [ResidentLikes(entries_of(s[a:b]), s.shape[1], "cpu") for a, b in ((0, 4), (4, 9))]
     transposed = s.T.tocsr()
-    item_blocks = [ResidentLikes(entries_of(transposed[a:b]), s.shape[0], "cpu") for a, b in ((0, 3), (3, 7))]
+    user_blocks = [ResidentLikes(entries_of(s[a:b]), s.shape[1], device) for a, b in ((0, 4), (4, 9))]
+    item_blocks = [
+        ResidentLikes(entries_of(transposed[a:b]), s.shape[0], device) for a, b in ((0, 3), (3, 7))
+    ]
     v_blocks = [vectors[:3], vectors[3:]]
     user_side = [liked_times(block, *v_blocks) for block in user_blocks]
     product = torch.cat([liked_times(block, *user_side) for block in item_blocks])

@@ -125,7 +125,7 @@ def without_diagonal(product: Tensor, counts: Tensor, vectors: Tensor) -> Tensor
 
 
 class LikedGramProducts:
-    """Products with X = SᵀS on the cluster, computed from the likes of each user and item block."""
+    """Products with S, Sᵀ and X = SᵀS on the cluster, from the likes of each user and item block."""
 
     def __init__(
         self, client: Client, ingest: IngestResult, device: str, resources: dict[str, float] | None
@@ -145,10 +145,17 @@ class LikedGramProducts:
         """Σ_ij X_ij (diagonal included) = Σ_u (likes of u)²."""
         return float(sum(self.client.gather([self._submit(squared_row_sums, u) for u in self.user_blocks])))
 
+    def user_products(self, item_vectors: list[Future]) -> list[Future]:
+        """(S V)_u for every user block, from V's row blocks over the items (each n_b × k)."""
+        return [self._submit(liked_times, block, *item_vectors) for block in self.user_blocks]
+
+    def item_products(self, user_vectors: list[Future]) -> list[Future]:
+        """(Sᵀ P)_b for every item block, from P's row blocks over the users."""
+        return [self._submit(liked_times, block, *user_vectors) for block in self.item_blocks]
+
     def products(self, vectors: list[Future]) -> list[Future]:
-        """(X V)_b for every item block b of V's row blocks ``vectors`` (each n_b × k)."""
-        user_side = [self._submit(liked_times, block, *vectors) for block in self.user_blocks]
-        return [self._submit(liked_times, block, *user_side) for block in self.item_blocks]
+        """(X V)_b = (Sᵀ(S V))_b for every item block b of V's row blocks ``vectors`` (each n_b × k)."""
+        return self.item_products(self.user_products(vectors))
 
     def offdiagonal_products(self, vectors: list[Future]) -> list[Future]:
         """(X₀ V)_b for every item block: X without its diagonal (the co-occurrence embedding's X₀)."""

@@ -9,9 +9,9 @@ Two targets (``settings.target``):
   is Sᵀ(S H) from the likes and no tile is read
   (:mod:`mf_dist.trainers.liked_products`).
 - ``ratings``: X = S, the binary users × items liked matrix; W is the
-  ``users`` table, H the ``items`` table. S H and Sᵀ W come from the liked
-  entries of each user block and each item block
-  (:mod:`mf_dist.trainers.ratings_sides`), with every value taken as 1.
+  ``users`` table, H the ``items`` table. S H and Sᵀ W are sparse products
+  with binary CSR blocks of S per user block and of Sᵀ per item block
+  (:mod:`mf_dist.trainers.liked_products`, the same blocks X's route uses).
 
 An epoch is one whole update of W given H, then of H given the new W, as
 in scikit-learn's ``_fit_multiplicative_update``:
@@ -57,10 +57,6 @@ from mf_dist.trainers.cooccurrence import (
 from mf_dist.trainers.cooccurrence_als import TileKey, tile_product_parts
 from mf_dist.trainers.epoch_loop import Measurement
 from mf_dist.trainers.liked_products import LikedGramProducts, liked_products_if_cheaper
-from mf_dist.trainers.ratings_sides import SideEntries, load_ratings_sides
-
-# Gathered rows of the other factor per chunk of liked entries (floats).
-GATHER_BUDGET_FLOATS = 8 * 1024 * 1024
 
 
 def read_diagonal_block(path: str, start: int, stop: int) -> torch.Tensor:
@@ -86,22 +82,6 @@ def squared_sum(values: torch.Tensor) -> tuple[float, float]:
     """(Σ x, Σ x²) in float64."""
     v = values.double()
     return float(v.sum()), float((v * v).sum())
-
-
-def liked_product(entries: SideEntries, device_preference: str, *other_blocks: torch.Tensor) -> torch.Tensor:
-    """(S F)_b for one block of S's rows (or Sᵀ's): Σ over the block's liked entries of F's rows.
-
-    S is binary, so each liked entry adds the other side's row once,
-    whatever the rating value stored with it.
-    """
-    device = compute_device(device_preference)
-    other = torch.cat(other_blocks).to(device)
-    rows, cols = entries.rows.to(device), entries.cols.to(device)
-    product = torch.zeros(entries.n_rows, other.shape[1], dtype=other.dtype, device=device)
-    step = max(1, GATHER_BUDGET_FLOATS // max(1, other.shape[1]))
-    for start in range(0, len(rows), step):
-        product.index_add_(0, rows[start : start + step], other[cols[start : start + step]])
-    return product.cpu()
 
 
 def update_block(
@@ -220,35 +200,29 @@ class LikedCooccurrenceTarget:
 
 
 class RatingsTarget:
-    """X = S, the binary liked matrix, as liked entries per user block and per item block."""
+    """X = S, the binary liked matrix, as CSR blocks of S per user block and of Sᵀ per item block."""
 
     names = ("users", "items")
 
     def __init__(
         self, client: Client, ingest: IngestResult, device: str, resources: dict[str, float] | None
     ) -> None:
-        self.client = client
-        self.resources = resources
-        self.device = device
-        self.sides = load_ratings_sides(client, ingest, liked_only=True, resources=resources)
+        self.products = LikedGramProducts(client, ingest, device, resources)
         self.row_grid, self.col_grid = ingest.user_grid, ingest.item_grid
         self.n_rows, self.n_cols = ingest.n_users, ingest.n_items
         # Binary S: ‖S‖² is the number of liked (user, item) pairs, unique after ingest.
-        self.squared_norm = float(self.sides.n_entries)
-
-    def _submit(self, function: Callable, *args: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False)
+        self.squared_norm = float(self.products.n_likes)
 
     def mean(self) -> float:
-        return self.sides.n_entries / max(1, self.n_rows * self.n_cols)
+        return self.products.n_likes / max(1, self.n_rows * self.n_cols)
 
     def forward(self, item_vectors: list[Future]) -> list[list[Future]]:
         """(S H)_b for every user block (one part each)."""
-        return [[self._submit(liked_product, e, self.device, *item_vectors)] for e in self.sides.users]
+        return [[product] for product in self.products.user_products(item_vectors)]
 
     def backward(self, user_vectors: list[Future]) -> list[list[Future]]:
         """(Sᵀ W)_c for every item block (one part each)."""
-        return [[self._submit(liked_product, e, self.device, *user_vectors)] for e in self.sides.items]
+        return [[product] for product in self.products.item_products(user_vectors)]
 
 
 Target = CooccurrenceTarget | LikedCooccurrenceTarget | RatingsTarget

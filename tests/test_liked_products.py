@@ -21,6 +21,7 @@ from mf_dist.trainers.liked_products import (
     liked_times,
 )
 from mf_dist.trainers.ratings_sides import SideEntries
+from tests.devices import DEVICES
 from tests.test_train import factors, settings
 
 
@@ -38,15 +39,6 @@ def entries_of(matrix: sp.csr_matrix) -> SideEntries:
         values=torch.ones(matrix.nnz),
         n_rows=matrix.shape[0],
     )
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

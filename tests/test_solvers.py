@@ -136,10 +136,10 @@ def test_implicit_cg_with_k_steps_equals_the_exact_solve():
     start = torch.randn(n_rows, rank, dtype=torch.float64)
     gram = col_vectors.T @ col_vectors
     exact = implicit.exact_update_rows(rows, cols, values, n_rows, col_vectors, gram, 3.0, 0.5)
-    cg = implicit.cg_update_rows(rows, cols, values, start, col_vectors, gram, 3.0, 0.5, steps=rank)
+    cg, _ = implicit.cg_update_rows(rows, cols, values, start, col_vectors, gram, 3.0, 0.5, steps=rank)
     torch.testing.assert_close(cg, exact, rtol=1e-6, atol=1e-8)
     # A few steps already move most of the way, as Takács et al. report.
-    three = implicit.cg_update_rows(rows, cols, values, start, col_vectors, gram, 3.0, 0.5, steps=3)
+    three, _ = implicit.cg_update_rows(rows, cols, values, start, col_vectors, gram, 3.0, 0.5, steps=3)
     assert torch.linalg.norm(three - exact) < 0.5 * torch.linalg.norm(start - exact)
 
 

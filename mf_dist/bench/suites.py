@@ -40,6 +40,7 @@ from mf_dist.evaluation import holdout_metrics, ranking_block_metrics
 from mf_dist.factor_files import FactorTable, TrainResult, write_factor_block
 from mf_dist.ingest import IngestResult, load_ingest_result
 from mf_dist.models.cooccurrence import initial_scale
+from mf_dist.solvers import weighted_cg
 from mf_dist.train import MODELS, train_factors
 from mf_dist.trainers.liked_products import choose_x_products
 
@@ -202,10 +203,12 @@ def warm_workers(client: Client) -> None:
     and their first task would otherwise pay for those imports. That
     includes ``torch._dynamo``, which torch imports when the first optimiser
     is created (1.5 s here): the dense reference creates its Adam before its
-    stopwatch starts.
+    stopwatch starts. Likewise the fused CG loop is compiled (or loaded from
+    numba's cache), as ``implicit``'s loop was compiled when it was installed.
     """
     for module in ("mf_dist.cooccur", "mf_dist.train", "mf_dist.evaluation", "torch._dynamo"):
         client.run(importlib.import_module, module)
+    client.run(weighted_cg.warm_up)
 
 
 def train_ours(

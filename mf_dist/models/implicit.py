@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mf_dist.solvers import normal_equations
+from mf_dist.solvers import normal_equations, weighted_cg
 
 
 def confidence(values: Tensor, alpha: float) -> Tensor:
@@ -70,52 +70,28 @@ def cg_update_rows(
     alpha: float,
     regularization: float,
     steps: int,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """x_u by ``steps`` conjugate-gradient iterations started from the current ``row_vectors`` (n × k).
 
     ``rows`` (e,) int64 sorted ascending, ``cols`` (e,) int64 into ``col_vectors``
     (m × k), ``values`` (e,) r_ui; ``col_gram`` YᵀY (k × k). Computes in
-    ``col_vectors``' dtype (float32 in training, float64 in the tests) and
-    returns (n × k) of that dtype.
+    ``col_vectors``' dtype (float32 in training, float64 in the tests).
 
-    Every matvec is one SDDMM (the e scores y_iᵀx_u) and one CSR × dense
-    product (Σ_i w_ui y_i), both on the same CSR pattern built once here, so
-    no e × k gathered copy of Y or X is ever made: the work is e·k
-    multiply-adds streaming the rows of Y, like the per-user loops of the
-    ``implicit`` library.
+    Returns the new rows (n × k) and the scores s_ui = x_uᵀy_i at them (e,),
+    in entry order, for :func:`liked_terms_from_scores`. The system of row u is
+    A_u = YᵀY + λI + Σ_liked (c_ui − 1) y_i y_iᵀ, b_u = Σ_liked c_ui y_i (p_u is 1
+    exactly on the liked entries), solved by :func:`mf_dist.solvers.weighted_cg.cg_rows`
+    without forming A_u.
     """
     dtype = col_vectors.dtype
-    n_rows, n_cols = len(row_vectors), len(col_vectors)
-    col_vectors = col_vectors.contiguous()
     weights = confidence(values.to(dtype), alpha)
-    gram = col_gram.to(dtype) + regularization * torch.eye(
+    base = col_gram.to(dtype) + regularization * torch.eye(
         col_gram.shape[0], dtype=dtype, device=col_vectors.device
     )
-    # One pattern for all steps: its values (all 1) are only a mask for the SDDMM.
-    pattern = normal_equations.csr_matrix(rows, cols, torch.ones_like(weights), n_rows, n_cols)
-    crow, pattern_cols = pattern.crow_indices(), pattern.col_indices()
-    extra = weights - 1
-    # Buffers reused by every matvec: under Dask's default worker environment
-    # (MALLOC_TRIM_THRESHOLD_ 64 KiB, which clusters not started by
-    # mf_dist.cluster still have) every large tensor allocated and freed is a
-    # fresh mmap whose pages fault in again, which doubled the time of a
-    # block update before these were reused.
-    sampled = pattern.clone()
-    weighted_values = torch.empty_like(extra)
-    weighted = normal_equations.with_values(crow, pattern_cols, weighted_values, n_rows, n_cols)
-    applied = torch.empty(n_rows, col_vectors.shape[1], dtype=dtype, device=col_vectors.device)
-
-    def matvec(x: Tensor) -> Tensor:
-        # (YᵀY + λI) x_u + Σ_i (c_ui − 1)(y_iᵀx_u) y_i, without the per-row k × k matrix.
-        # Returns the same buffer every call: the CG consumes it before the next one.
-        torch.sparse.sampled_addmm(pattern, x, col_vectors.T, beta=0.0, out=sampled)
-        torch.mul(sampled.values(), extra, out=weighted_values)
-        torch.mm(weighted, col_vectors, out=applied)
-        return applied.addmm_(x, gram)
-
-    # Yᵀ C_u p_u = Σ_liked c_ui y_i: p_u is 1 exactly on the liked entries.
-    rhs = normal_equations.with_values(crow, pattern_cols, weights, n_rows, n_cols) @ col_vectors
-    return normal_equations.conjugate_gradient(matvec, rhs, row_vectors.to(dtype), steps)
+    crow = normal_equations.row_pointers(rows, len(row_vectors))
+    return weighted_cg.cg_rows(
+        crow, cols, weights - 1, weights, row_vectors.to(dtype), col_vectors.to(dtype), base, steps
+    )
 
 
 def liked_loss_terms(
@@ -134,7 +110,12 @@ def liked_loss_terms(
     x, y = row_vectors.to(dtype), col_vectors.to(dtype)
     ones = torch.ones(len(rows), dtype=dtype, device=x.device)
     pattern = normal_equations.csr_matrix(rows, cols, ones, len(x), len(y))
-    scores = normal_equations.sampled_row_dots(pattern, x, y).double()
+    return liked_terms_from_scores(normal_equations.sampled_row_dots(pattern, x, y), values, alpha)
+
+
+def liked_terms_from_scores(scores: Tensor, values: Tensor, alpha: float) -> Tensor:
+    """Σ_liked [c (1 − s)² − s²] from the scores s (e,) and values r (e,) of the liked entries (float64)."""
+    scores = scores.double()
     weights = confidence(values.double(), alpha)
     return (weights * (1 - scores) ** 2 - scores**2).sum()
 

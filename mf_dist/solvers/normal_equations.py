@@ -102,10 +102,15 @@ def csr_matrix(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: 
     order, so ``.values()`` of the result (and of SDDMM results on it) lines
     up with ``values`` entry by entry. Built from row counts in O(e): no sort.
     """
+    return with_values(row_pointers(rows, n_rows), cols, values, n_rows, n_cols)
+
+
+def row_pointers(rows: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointers (n_rows + 1,) int64 of entries whose ``rows`` (e,) are sorted ascending."""
     counts = torch.bincount(rows, minlength=n_rows) if len(rows) else rows.new_zeros(n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    return with_values(crow, cols, values, n_rows, n_cols)
+    return crow
 
 
 def with_values(crow: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:

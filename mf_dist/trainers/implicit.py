@@ -84,9 +84,10 @@ def als_block(
             other_gram,
             settings.alpha,
             settings.regularization,
-        )
+        ).float()
+        terms = _liked_terms(*args, vectors, other_vectors, settings.alpha) if with_terms else 0.0
     else:
-        vectors = objective.cg_update_rows(
+        vectors, scores = objective.cg_update_rows(
             *args,
             block.vectors[start:stop].to(device),
             other_vectors,
@@ -95,8 +96,10 @@ def als_block(
             settings.regularization,
             settings.cg_steps,
         )
-    vectors = vectors.float()
-    terms = _liked_terms(*args, vectors, other_vectors, settings.alpha) if with_terms else 0.0
+        # The solve scored every liked entry at the new rows already.
+        terms = 0.0
+        if with_terms:
+            terms = float(objective.liked_terms_from_scores(scores, args[2], settings.alpha))
     return ScoredRowBlock(vectors=vectors.cpu(), liked_terms=terms, gram=vector_gram(vectors).cpu())
 
 

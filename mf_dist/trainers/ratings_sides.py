@@ -80,12 +80,22 @@ def pick(sequence: list | tuple, index: int) -> object:
 
 
 def merge_pieces(n_rows: int, *pieces: SideEntries) -> SideEntries:
-    """One item block's entries from every user block, sorted by item."""
-    return _sorted_entries(
-        torch.cat([p.rows for p in pieces]).numpy(),
-        torch.cat([p.cols for p in pieces]).numpy(),
-        torch.cat([p.values for p in pieces]).numpy(),
-        n_rows,
+    """One item block's entries from every user block (in user block order), sorted by (item, user).
+
+    Each piece is in ascending user order already (its user block's entries
+    are sorted by user), so one stable sort by item gives (item, user) order;
+    on 16-bit keys numpy's stable sort is a radix sort, linear in the entries
+    (a two-key lexsort took a second for the 4.5 M entries of ML-20M's most
+    liked item block).
+    """
+    rows = torch.cat([p.rows for p in pieces])
+    key_type = np.int16 if n_rows <= np.iinfo(np.int16).max else np.int32
+    order = torch.from_numpy(np.argsort(rows.numpy().astype(key_type), kind="stable"))
+    return SideEntries(
+        rows=rows[order],
+        cols=torch.cat([p.cols for p in pieces])[order],
+        values=torch.cat([p.values for p in pieces])[order],
+        n_rows=n_rows,
     )
 
 

@@ -255,6 +255,7 @@ class ImplicitModel:
         self.item_pieces: list[list[tuple[Future, RowRange]]] | None = None
         initial = initial or {}
         self.users = initial.get("users") or self._random_blocks(ingest.user_grid, 0)
+        self.users_ahead: list[Future] | None = None
         self.items = initial.get("items") or self._random_blocks(ingest.item_grid, 1)
 
     def _submit(self, function: object, *args: object) -> Future:
@@ -369,18 +370,26 @@ class ImplicitModel:
     def run_epoch(self, epoch: int) -> list[Measurement]:
         if self.user_pieces is None:
             self.user_pieces = self._pieces(self.sides.users, self.ingest.user_grid)
-        self.users = self._update_side(self.user_pieces, self.users, self.items, False)
+        self.users = self.users_ahead or self._update_side(self.user_pieces, self.users, self.items, False)
+        self.users_ahead = None
         if self.item_pieces is None:
             self.item_pieces = self._pieces(self.sides.items, self.ingest.item_grid)
         # The item tasks also return the liked loss terms and Gram matrices at the new factors.
         self.items = self._update_side(self.item_pieces, self.items, self.users, True)
-        terms, user_gram, item_gram = self.client.gather(
-            [
-                self._submit(sum_terms, *self.items),
-                self._submit(summarize_gram, *self.users),
-                self._submit(summarize_gram, *self.items),
-            ]
-        )
+        summaries = [
+            self._submit(sum_terms, *self.items),
+            self._submit(summarize_gram, *self.users),
+            self._submit(summarize_gram, *self.items),
+        ]
+        if epoch < self.settings.epochs:
+            # The next epoch's user side needs only these items: submitted now
+            # (after the summaries, which Dask then runs first), it runs while
+            # this epoch's loss is gathered and its checkpoint written, instead
+            # of the workers idling through that round trip. When the loop stops
+            # early these futures are dropped unused: every update is a new
+            # block, so this epoch's factors stay as they are.
+            self.users_ahead = self._update_side(self.user_pieces, self.users, self.items, False)
+        terms, user_gram, item_gram = self.client.gather(summaries)
         squared_norms = torch.trace(user_gram) + torch.trace(item_gram)
         loss = objective.total_loss(
             user_gram,

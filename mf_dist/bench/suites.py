@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -37,7 +39,7 @@ from mf_dist.cluster import open_client
 from mf_dist.config import MODEL_DEFAULTS, TrainSettings
 from mf_dist.cooccur import cooccurrence_blocks, load_cooccurrence_result
 from mf_dist.evaluation import holdout_metrics, ranking_block_metrics
-from mf_dist.factor_files import FactorTable, TrainResult, write_factor_block
+from mf_dist.factor_files import EpochRecord, FactorTable, TrainResult, write_factor_block
 from mf_dist.ingest import IngestResult, load_ingest_result
 from mf_dist.models.cooccurrence import initial_scale
 from mf_dist.solvers import weighted_cg
@@ -302,6 +304,17 @@ def prepare_holdout(cache_dir: Path, scale: Scale, workers: int, variant: Varian
 
 IMPLICIT_ALPHA = 10.0
 IMPLICIT_REGULARIZATION = 0.1
+# implicit's own default fit length (AlternatingLeastSquares(iterations=15)):
+# the one-time work of a fit (ours reads and shuffles the Parquet ratings)
+# is spread over the iterations a user runs.
+IMPLICIT_ITERATIONS = 15
+
+
+def steady_epoch_seconds(history: list[EpochRecord]) -> float:
+    """The median time of an epoch after the first (which also waits for the set-up), in seconds."""
+    marks = [record.seconds for record in history]
+    steps = [after - before for before, after in itertools.pairwise(marks)]
+    return statistics.median(steps) if steps else float("nan")
 
 
 def implicit_ours(context: SideContext) -> Timed:
@@ -311,7 +324,7 @@ def implicit_ours(context: SideContext) -> Timed:
         "implicit",
         "als",
         rank=rank,
-        epochs=iterations_for(context.scale, 5),
+        epochs=iterations_for(context.scale, IMPLICIT_ITERATIONS),
         alpha=IMPLICIT_ALPHA,
         regularization=IMPLICIT_REGULARIZATION,
     )
@@ -322,7 +335,11 @@ def implicit_ours(context: SideContext) -> Timed:
         iterations=trained.epochs,
         quality_name="recall@10",
         quality=metrics["holdout_recall@10"],
-        details={"ndcg@10": metrics["holdout_ndcg@10"], "final_loss": trained.final_loss},
+        details={
+            "ndcg@10": metrics["holdout_ndcg@10"],
+            "final_loss": trained.final_loss,
+            "steady_seconds_per_epoch": steady_epoch_seconds(trained.history),
+        },
     )
 
 
@@ -332,7 +349,7 @@ def implicit_reference(context: SideContext) -> Timed:
 
     ingest = _ingest(context)
     rank = int(context.variant["rank"])
-    iterations = iterations_for(context.scale, 5)
+    iterations = iterations_for(context.scale, IMPLICIT_ITERATIONS)
     liked = liked_matrix(ingest)
     # implicit's confidence is alpha · value; ours is 1 + α·r. Passing 1 + α·r as the
     # values with alpha 1 gives both the same objective.

@@ -166,8 +166,9 @@ def _row_cg_kernel() -> Callable[..., None]:
             for e in range(first, last):
                 ye = y[cols[e]]
                 copy = gathered[e - first]
-                dot = ye[0] * x[0] - ye[0] * x[0]
-                for a in range(k):
+                copy[0] = ye[0]
+                dot = ye[0] * x[0]
+                for a in range(1, k):
                     copy[a] = ye[a]
                     dot += ye[a] * x[a]
                 coefficient = rhs_weights[e] - gram_weights[e] * dot

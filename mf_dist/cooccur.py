@@ -32,6 +32,7 @@ import scipy.sparse as sp
 from distributed import Client, Future
 from pydantic import BaseModel
 
+from mf_dist import pair_counts
 from mf_dist.blocks import BlockGrid, upper_triangle
 from mf_dist.errors import InputError
 from mf_dist.ingest import IngestResult, liked_mask
@@ -110,8 +111,13 @@ def liked_slabs(
 
 
 def item_block_slab(*user_block_slabs: list[sp.csr_matrix], block: int) -> sp.csr_matrix:
-    """S_{:,b}: item block ``block`` of every user block stacked (all users × block items, CSR)."""
-    return sp.vstack([slabs[block] for slabs in user_block_slabs], format="csr")
+    """S_{:,b}: item block ``block`` of every user block stacked (all users × block items, CSR).
+
+    Column indices are sorted in each row, as :mod:`mf_dist.pair_counts` needs.
+    """
+    slab = sp.vstack([slabs[block] for slabs in user_block_slabs], format="csr")
+    slab.sort_indices()
+    return slab
 
 
 def transposed_slab(slab: sp.csr_matrix) -> sp.csr_matrix:
@@ -119,33 +125,67 @@ def transposed_slab(slab: sp.csr_matrix) -> sp.csr_matrix:
     return slab.T.tocsr()
 
 
-def cooccurrence_tile(left_transposed: sp.csr_matrix, right: sp.csr_matrix) -> sp.csr_matrix:
-    """Tile (b, c) of X: ``S_{:,b}ᵀ S_{:,c}``, exact in int32.
+class TilePlan(BaseModel):
+    """How tile (b, c) is computed: by which product, in which row ranges."""
 
-    Both operands are built once per item block and shared by every tile of
-    its row or column: stacking and transposing them per tile cost more than
-    the product itself. Per-tile products are also faster than one big one
-    (about half the time of scipy's whole ``SᵀS`` in sum), the accumulator of
-    each output row staying in cache.
+    dense: bool
+    row_ranges: list[tuple[int, int]]
+
+
+def tile_work(
+    left_transposed: sp.csr_matrix, right: sp.csr_matrix, diagonal: bool
+) -> tuple[bool, np.ndarray]:
+    """(dense, work of each row) for tile (b, c): which product computes it, and its cost per row.
+
+    A tile with at least :data:`DENSE_TILE_DENSITY` × its area in multiply-adds
+    may be dense and is counted into a dense array
+    (:func:`mf_dist.pair_counts.dense_rows`, the upper triangle only on the
+    diagonal); a sparser one is surely stored sparse and stays with scipy's
+    sparse product.
     """
-    return left_transposed @ right
+    work = pair_counts.row_work(left_transposed, right, upper=False)
+    dense = float(work.sum()) >= DENSE_TILE_DENSITY * left_transposed.shape[0] * right.shape[1]
+    if dense and diagonal:
+        work = pair_counts.row_work(left_transposed, right, upper=True)
+    return dense, work
 
 
-def cooccurrence_rows(
-    left_transposed: sp.csr_matrix, right: sp.csr_matrix, start: int, stop: int
-) -> sp.csr_matrix:
-    """Rows ``[start, stop)`` of tile (b, c): the same rows :func:`cooccurrence_tile` would give."""
+def tile_rows(
+    left_transposed: sp.csr_matrix,
+    right: sp.csr_matrix,
+    start: int,
+    stop: int,
+    *,
+    dense: bool,
+    diagonal: bool,
+) -> np.ndarray | sp.csr_matrix:
+    """Rows ``[start, stop)`` of tile (b, c) = ``S_{:,b}ᵀ S_{:,c}``, exact in int32.
+
+    Dense: an int32 array, holding only j ≥ i on the diagonal (see
+    :func:`assembled_tile`). Sparse: scipy's CSR product. Per-tile products
+    are faster than one big one, the accumulator of each output row staying
+    in cache, and the operands are built once per item block and shared by
+    every tile of its row or column.
+    """
+    if dense:
+        return pair_counts.dense_rows(left_transposed, right, start, stop, upper=diagonal)
     return left_transposed[start:stop] @ right
 
 
-def user_like_counts(column_slab: sp.csr_matrix) -> np.ndarray:
-    """Each user's likes inside one item block (all users, int64): the row lengths of S_{:,c}."""
-    return np.diff(column_slab.indptr).astype(np.int64)
+def assembled_tile(*pieces: np.ndarray | sp.csr_matrix, diagonal: bool) -> np.ndarray | sp.csr_matrix:
+    """A whole tile from its row pieces in order; a dense diagonal tile gets its lower triangle."""
+    if isinstance(pieces[0], np.ndarray):
+        tile = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return pair_counts.mirror_upper(tile) if diagonal else tile
+    return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
 
 
-def tile_row_work(left_transposed: sp.csr_matrix, right_counts: np.ndarray) -> np.ndarray:
-    """Multiply-adds of each row of tile (b, c): Σ over the users who like item i of their likes in c."""
-    return left_transposed @ right_counts
+def cooccurrence_tile(
+    left_transposed: sp.csr_matrix, right: sp.csr_matrix, *, dense: bool, diagonal: bool
+) -> np.ndarray | sp.csr_matrix:
+    """Tile (b, c) of X in one task: :func:`tile_rows` over all rows, assembled."""
+    rows = tile_rows(left_transposed, right, 0, left_transposed.shape[0], dense=dense, diagonal=diagonal)
+    return assembled_tile(rows, diagonal=diagonal)
 
 
 def row_pieces(work: np.ndarray, pieces: int) -> list[tuple[int, int]]:
@@ -160,11 +200,6 @@ def row_pieces(work: np.ndarray, pieces: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-def stack_rows(*pieces: sp.csr_matrix) -> sp.csr_matrix:
-    """A tile from its row pieces, in order (CSR row stacking only concatenates)."""
-    return sp.vstack(pieces, format="csr")
-
-
 def exact_sum_of_squares(counts: np.ndarray) -> int:
     """Σ c² of integer counts, exactly, in slices: no float64 copy of a tile's 10⁷-odd entries."""
     total = 0
@@ -175,43 +210,52 @@ def exact_sum_of_squares(counts: np.ndarray) -> int:
 
 
 def store_tile(
-    tile: sp.csr_matrix, row_block: int, col_block: int, directory: str
+    tile: np.ndarray | sp.csr_matrix, row_block: int, col_block: int, directory: str
 ) -> tuple[TileInfo, np.ndarray | None]:
     """Write one tile in its layout; for a diagonal tile, return its diagonal apart.
 
-    ``tile`` is the product from :func:`cooccurrence_tile`: a sparse product
-    has no duplicate entries, so it is written as it comes, with no COO
-    round trip or ``sum_duplicates`` (which cost more than the product did).
+    ``tile`` is the whole tile from :func:`assembled_tile`, dense (int32) or
+    scipy's CSR product, which has no duplicate entries and is written as it
+    comes, with no COO round trip or ``sum_duplicates`` (they cost more than
+    the product did). ``tile`` itself is left as it was, so a retried task
+    reads the same input.
     """
-    tile = tile.tocsr()
     on_diagonal = row_block == col_block
     diagonal = tile.diagonal().astype(np.int64) if on_diagonal else None
-    on_diagonal_counts = np.zeros(0, dtype=np.int64) if diagonal is None else diagonal
-    nnz = int(np.count_nonzero(tile.data)) - int(np.count_nonzero(on_diagonal_counts))
-    sum_of_squares = float(exact_sum_of_squares(tile.data) - on_diagonal_counts @ on_diagonal_counts)
+    if isinstance(tile, np.ndarray):
+        nnz, squares = pair_counts.off_diagonal_summary(tile, diagonal=on_diagonal)
+    else:
+        on_diagonal_counts = np.zeros(0, dtype=np.int64) if diagonal is None else diagonal
+        nnz = int(np.count_nonzero(tile.data)) - int(np.count_nonzero(on_diagonal_counts))
+        squares = exact_sum_of_squares(tile.data) - int(on_diagonal_counts @ on_diagonal_counts)
     density = nnz / max(1, tile.shape[0] * tile.shape[1])
     name = f"tile-{row_block:05d}-{col_block:05d}"
     if density > DENSE_TILE_DENSITY:
         layout = "dense"
         path = Path(directory) / f"{name}.npy"
-        dense = tile.toarray().astype(np.int32, copy=False)
+        stored = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=tile.shape)
+        stored[:] = tile.toarray() if sp.issparse(tile) else tile
         if on_diagonal:
-            np.fill_diagonal(dense, 0)
-        np.save(path, dense, allow_pickle=False)
+            np.fill_diagonal(stored, 0)
+        stored.flush()
+        del stored
     else:
         layout = "sparse"
         path = Path(directory) / f"{name}.parquet"
-        rows = np.repeat(np.arange(tile.shape[0], dtype=np.int32), np.diff(tile.indptr))
-        cols, counts = tile.indices, tile.data
-        keep = counts != 0
-        if on_diagonal:
-            keep &= rows != cols
-        if not keep.all():
-            rows, cols, counts = rows[keep], cols[keep], counts[keep]
+        if isinstance(tile, np.ndarray):
+            rows, cols, counts = pair_counts.off_diagonal_entries(tile, diagonal=on_diagonal)
+        else:
+            rows = np.repeat(np.arange(tile.shape[0], dtype=np.int32), np.diff(tile.indptr))
+            cols, counts = tile.indices, tile.data
+            keep = counts != 0
+            if on_diagonal:
+                keep &= rows != cols
+            if not keep.all():
+                rows, cols, counts = rows[keep], cols[keep], counts[keep]
         pq.write_table(
             pa.Table.from_arrays(
                 [
-                    pa.array(rows),
+                    pa.array(rows.astype(np.int32, copy=False)),
                     pa.array(cols.astype(np.int32, copy=False)),
                     pa.array(counts.astype(np.int32, copy=False)),
                 ],
@@ -225,7 +269,7 @@ def store_tile(
         layout=layout,
         path=str(path),
         nnz=nnz,
-        sum_of_squares=sum_of_squares,
+        sum_of_squares=float(squares),
     )
     return info, diagonal
 
@@ -240,28 +284,30 @@ def load_tile(info: TileInfo, shape: tuple[int, int]) -> sp.csr_matrix | np.ndar
     )
 
 
-def tile_row_pieces(
+def tile_plans(
     client: Client, columns: list[Future], transposed: list[Future]
-) -> dict[tuple[int, int], list[tuple[int, int]]]:
-    """The row ranges each tile (b, c), b <= c, is computed in: one, or several for a crowded tile.
+) -> dict[tuple[int, int], TilePlan]:
+    """How each tile (b, c), b <= c, is computed: dense or sparse, in one row range or several.
 
     The multiply-adds of tile (b, c) are Σ_u (likes of u in b)(likes of u in c),
     and popular items crowd into the first blocks: at ML-20M's shape one
     diagonal tile holds a third of all the work, and computed in one task it
     bounded the stage's wall time while the other worker idled. Tiles with
     more than :data:`PIECE_SHARE` of the total work are cut into row pieces
-    of about that much work each (computed as separate tasks, then stacked:
-    the stored tile is the same, bit for bit).
+    of about that much work each (computed as separate tasks, then
+    assembled: the stored tile is the same, bit for bit).
     """
-    n_blocks = len(columns)
-    counts = [client.submit(user_like_counts, column) for column in columns]
-    coordinates = upper_triangle(n_blocks)
-    row_work = client.gather([client.submit(tile_row_work, transposed[b], counts[c]) for b, c in coordinates])
-    totals = [float(work.sum()) for work in row_work]
+    coordinates = upper_triangle(len(columns))
+    planned = client.gather(
+        [client.submit(tile_work, transposed[b], columns[c], b == c) for b, c in coordinates]
+    )
+    totals = [float(work.sum()) for _, work in planned]
     share = PIECE_SHARE * sum(totals)
     return {
-        (b, c): row_pieces(work, math.ceil(total / share) if share > 0 else 1)
-        for (b, c), work, total in zip(coordinates, row_work, totals, strict=True)
+        (b, c): TilePlan(
+            dense=dense, row_ranges=row_pieces(work, math.ceil(total / share) if share > 0 else 1)
+        )
+        for (b, c), (dense, work), total in zip(coordinates, planned, totals, strict=True)
     }
 
 
@@ -296,19 +342,24 @@ def cooccurrence_blocks(client: Client, ingest: IngestResult, work_dir: str | Pa
     ]
     del slabs_per_user_block
     transposed = [client.submit(transposed_slab, column) for column in columns]
-    pieces = tile_row_pieces(client, columns, transposed)
+    plans = tile_plans(client, columns, transposed)
     # Row blocks of popular items come first and hold the costliest tiles:
     # submitted first, they start first, and the cheap tail fills the gaps.
     stored = []
     for b, c in upper_triangle(item_grid.n_blocks):
-        if len(pieces[b, c]) == 1:
-            tile = client.submit(cooccurrence_tile, transposed[b], columns[c])
+        plan, diagonal = plans[b, c], b == c
+        if len(plan.row_ranges) == 1:
+            tile = client.submit(
+                cooccurrence_tile, transposed[b], columns[c], dense=plan.dense, diagonal=diagonal
+            )
         else:
             parts = [
-                client.submit(cooccurrence_rows, transposed[b], columns[c], start, stop)
-                for start, stop in pieces[b, c]
+                client.submit(
+                    tile_rows, transposed[b], columns[c], start, stop, dense=plan.dense, diagonal=diagonal
+                )
+                for start, stop in plan.row_ranges
             ]
-            tile = client.submit(stack_rows, *parts)
+            tile = client.submit(assembled_tile, *parts, diagonal=diagonal)
         stored.append(client.submit(store_tile, tile, b, c, str(tiles_dir)))
     results: list[tuple[TileInfo, np.ndarray | None]] = client.gather(stored)
     del columns, transposed

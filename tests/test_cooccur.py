@@ -109,11 +109,11 @@ def test_crowded_tiles_in_row_pieces_store_the_same_tiles(client, tmp_path, tiny
     ingest = ingest_ratings(client, str(tiny_input), tmp_path / "work", block_size=37)
     grid = ingest.item_grid
     plans, stored = {}, {}
-    planner = cooccur.tile_row_pieces
+    planner = cooccur.tile_plans
     for share in (1.0, 0.01):
         monkeypatch.setattr(cooccur, "PIECE_SHARE", share)
         monkeypatch.setattr(
-            cooccur, "tile_row_pieces", lambda *args, share=share: plans.setdefault(share, planner(*args))
+            cooccur, "tile_plans", lambda *args, share=share: plans.setdefault(share, planner(*args))
         )
         result = cooccurrence_blocks(client, ingest, tmp_path / "work")
         stored[share] = {}
@@ -122,6 +122,9 @@ def test_crowded_tiles_in_row_pieces_store_the_same_tiles(client, tmp_path, tiny
             tile = load_tile(info, shape)
             dense = tile if isinstance(tile, np.ndarray) else tile.toarray()
             stored[share][info.row_block, info.col_block] = (info.layout, info.nnz, dense.tolist())
-    assert max(len(ranges) for ranges in plans[1.0].values()) == 1
-    assert max(len(ranges) for ranges in plans[0.01].values()) > 1
+    assert max(len(plan.row_ranges) for plan in plans[1.0].values()) == 1
+    assert max(len(plan.row_ranges) for plan in plans[0.01].values()) > 1
+    # Both products, and the dense one in pieces on the diagonal (upper triangles, mirrored once).
+    assert {plan.dense for plan in plans[0.01].values()} == {True, False}
+    assert any(plan.dense and len(plan.row_ranges) > 1 for (b, c), plan in plans[0.01].items() if b == c)
     assert stored[1.0] == stored[0.01]

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import torch
 from distributed import Client
 
+from mf_dist import pair_counts
 from mf_dist.bench.data import (
     many_items_dir,
     most_liked_items_dir,
@@ -205,12 +206,14 @@ def warm_workers(client: Client) -> None:
     and their first task would otherwise pay for those imports. That
     includes ``torch._dynamo``, which torch imports when the first optimiser
     is created (1.5 s here): the dense reference creates its Adam before its
-    stopwatch starts. Likewise the fused CG loop is compiled (or loaded from
-    numba's cache), as ``implicit``'s loop was compiled when it was installed.
+    stopwatch starts. Likewise the compiled loops (fused CG, pair counts) are
+    compiled or loaded from numba's cache, as ``implicit``'s loop was compiled
+    when it was installed.
     """
     for module in ("mf_dist.cooccur", "mf_dist.train", "mf_dist.evaluation", "torch._dynamo"):
         client.run(importlib.import_module, module)
     client.run(weighted_cg.warm_up)
+    client.run(pair_counts.warm_up)
 
 
 def train_ours(

@@ -1,0 +1,183 @@
+"""Exact pair counts of binary sparse matrices, X_b,c = S_bᵀ S_c, as compiled loops (numba).
+
+S is binary, so entry (i, j) of a tile counts the users who liked both item
+i and item j. For the crowded tiles of popular items (at ML-20M's shape the
+first diagonal tile is 99 % non-zero and holds a third of the stage's
+multiply-adds) a dense accumulator beats a general sparse product: each row i
+adds 1 at the columns of every liked list of its users, into an int32 row
+that stays in the first-level cache. There is no value array to read and no
+output index to keep. On a diagonal tile only the upper triangle j ≥ i is
+counted, which halves the work, and the lower one is mirrored at the end.
+
+Measured on one core, the first (4,096 × 4,096) tile at ML-20M's shape:
+scipy's ``S_bᵀ @ S_b`` 5.1 s, the dense loop 1.4–1.8 s, the upper triangle
+1.1 s. Sparse tiles stay with scipy, whose output is compact.
+
+Operands are scipy CSR matrices with int32 or int64 index arrays: ``left``
+is S_bᵀ (tile rows × users) and ``right`` is S_c (users × tile columns) with
+sorted column indices in each row (the upper-triangle loop searches them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def row_work(left: sp.csr_matrix, right: sp.csr_matrix, *, upper: bool) -> np.ndarray:
+    """Increments (multiply-adds) of each row of ``left @ right`` (int64, one per row of ``left``).
+
+    With ``upper`` (a diagonal tile, ``left`` = ``right``ᵀ), only the entries
+    j ≥ i are counted, as :func:`dense_rows` computes them.
+    """
+    work = np.zeros(left.shape[0], dtype=np.int64)
+    cursors = _cursors(right, upper)
+    _kernels()["row_work"](left.indptr, left.indices, right.indptr, right.indices, upper, cursors, work)
+    return work
+
+
+def dense_rows(
+    left: sp.csr_matrix, right: sp.csr_matrix, start: int, stop: int, *, upper: bool
+) -> np.ndarray:
+    """Rows ``[start, stop)`` of ``left @ right`` as a dense int32 array ((stop − start) × columns).
+
+    With ``upper`` only the entries j ≥ i (global row index i) are filled and
+    the rest is zero; :func:`mirror_upper` completes the whole tile.
+    """
+    out = np.zeros((stop - start, right.shape[1]), dtype=np.int32)
+    cursors = _cursors(right, upper)
+    _kernels()["dense_rows"](
+        left.indptr, left.indices, right.indptr, right.indices, start, stop, upper, cursors, out
+    )
+    return out
+
+
+def _cursors(right: sp.csr_matrix, upper: bool) -> np.ndarray:
+    """Per user, where the next row's columns j ≥ i start in its list (−1: not found yet)."""
+    return np.full(right.shape[0] if upper else 0, -1, dtype=np.int64)
+
+
+def mirror_upper(tile: np.ndarray) -> np.ndarray:
+    """Copy the strict upper triangle of a square tile onto its lower one, in place; returns ``tile``."""
+    _kernels()["mirror_upper"](tile)
+    return tile
+
+
+def off_diagonal_summary(tile: np.ndarray, *, diagonal: bool) -> tuple[int, int]:
+    """(non-zeros, Σ count²) of a dense int32 tile, its diagonal left out when ``diagonal``.
+
+    Summed in int64: exact while Σ count² < 2⁶³, which a 4,096 × 4,096 tile
+    keeps for counts up to 740,000 users.
+    """
+    nonzeros, squares = _kernels()["summary"](tile, diagonal)
+    return int(nonzeros), int(squares)
+
+
+def off_diagonal_entries(tile: np.ndarray, *, diagonal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, counts) of a dense int32 tile's non-zeros in row-major order, all int32.
+
+    The diagonal is left out when ``diagonal``: the stage stores it apart.
+    """
+    nonzeros, _ = off_diagonal_summary(tile, diagonal=diagonal)
+    rows, cols, counts = (np.empty(nonzeros, dtype=np.int32) for _ in range(3))
+    _kernels()["entries"](tile, diagonal, rows, cols, counts)
+    return rows, cols, counts
+
+
+def warm_up() -> None:
+    """Compile the loops for scipy's int32 indices, or load them from numba's disk cache."""
+    square = sp.csr_matrix(np.eye(2, dtype=np.int32))
+    row_work(square, square, upper=True)
+    tile = mirror_upper(dense_rows(square, square, 0, 2, upper=True))
+    off_diagonal_entries(tile, diagonal=True)
+
+
+@cache
+def _kernels() -> dict[str, Callable[..., None]]:
+    """The compiled loops, built on first use; ``cache=True`` keeps their machine code on disk."""
+    import numba
+
+    # In the loops, (lptr, lidx) is left's CSR (rows → users) and (rptr, ridx) right's (users → columns).
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def upper_start(rptr, ridx, user, row, cursors):  # noqa: ANN001, ANN202
+        # Where the user's columns j ≥ row start. Rows come in increasing order
+        # and each is in the lists of its own users (left = rightᵀ), so after
+        # one binary search the position only moves on by one per visit.
+        first = cursors[user]
+        if first < 0:
+            first, high = rptr[user], rptr[user + 1]
+            while first < high:
+                middle = (first + high) >> 1
+                if ridx[middle] < row:
+                    first = middle + 1
+                else:
+                    high = middle
+        cursors[user] = first + 1
+        return first
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def row_work_kernel(lptr, lidx, rptr, ridx, upper, cursors, work):  # noqa: ANN001, ANN202
+        for i in range(len(lptr) - 1):
+            total = 0
+            for e in range(lptr[i], lptr[i + 1]):
+                user = lidx[e]
+                first = upper_start(rptr, ridx, user, i, cursors) if upper else rptr[user]
+                total += rptr[user + 1] - first
+            work[i] = total
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def dense_rows_kernel(lptr, lidx, rptr, ridx, start, stop, upper, cursors, out):  # noqa: ANN001, ANN202
+        for i in range(start, stop):
+            row = out[i - start]
+            for e in range(lptr[i], lptr[i + 1]):
+                user = lidx[e]
+                first = upper_start(rptr, ridx, user, i, cursors) if upper else rptr[user]
+                for f in range(first, rptr[user + 1]):
+                    # An unsigned index spares numba's negative-index wraparound.
+                    row[numba.uint32(ridx[f])] += 1
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def mirror_upper_kernel(tile):  # noqa: ANN001, ANN202
+        # In 64 × 64 squares, so that the column-wise writes stay in cache.
+        n = tile.shape[0]
+        for row_start in range(0, n, 64):
+            for col_start in range(row_start, n, 64):
+                for i in range(row_start, min(row_start + 64, n)):
+                    for j in range(max(col_start, i + 1), min(col_start + 64, n)):
+                        tile[j, i] = tile[i, j]
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def summary_kernel(tile, diagonal):  # noqa: ANN001, ANN202
+        nonzeros, squares = 0, 0
+        for i in range(tile.shape[0]):
+            row = tile[i]
+            for j in range(tile.shape[1]):
+                count = np.int64(row[j])
+                nonzeros += count != 0
+                squares += count * count
+            if diagonal and i < tile.shape[1]:
+                count = np.int64(row[i])
+                nonzeros -= count != 0
+                squares -= count * count
+        return nonzeros, squares
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def entries_kernel(tile, diagonal, rows, cols, counts):  # noqa: ANN001, ANN202
+        at = 0
+        for i in range(tile.shape[0]):
+            row = tile[i]
+            for j in range(tile.shape[1]):
+                if row[j] != 0 and not (diagonal and i == j):
+                    rows[at], cols[at], counts[at] = i, j, row[j]
+                    at += 1
+
+    return {
+        "row_work": row_work_kernel,
+        "dense_rows": dense_rows_kernel,
+        "mirror_upper": mirror_upper_kernel,
+        "summary": summary_kernel,
+        "entries": entries_kernel,
+    }

@@ -43,7 +43,7 @@ from mf_dist.evaluation import holdout_metrics, ranking_block_metrics
 from mf_dist.factor_files import EpochRecord, FactorTable, TrainResult, write_factor_block
 from mf_dist.ingest import IngestResult, load_ingest_result
 from mf_dist.models.cooccurrence import initial_scale
-from mf_dist.solvers import weighted_cg
+from mf_dist.solvers import weighted_cg, weighted_cholesky
 from mf_dist.train import MODELS, train_factors
 from mf_dist.trainers.liked_products import choose_x_products
 
@@ -206,7 +206,7 @@ def warm_workers(client: Client) -> None:
     and their first task would otherwise pay for those imports. That
     includes ``torch._dynamo``, which torch imports when the first optimiser
     is created (1.5 s here): the dense reference creates its Adam before its
-    stopwatch starts. Likewise the compiled loops (fused CG, pair counts) are
+    stopwatch starts. Likewise the compiled loops (fused CG and Cholesky, pair counts) are
     compiled or loaded from numba's cache, as ``implicit``'s loop was compiled
     when it was installed.
     """
@@ -214,6 +214,7 @@ def warm_workers(client: Client) -> None:
         client.run(importlib.import_module, module)
     client.run(weighted_cg.warm_up)
     client.run(pair_counts.warm_up)
+    client.run(weighted_cholesky.warm_up)
 
 
 def train_ours(

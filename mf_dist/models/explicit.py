@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mf_dist.solvers import normal_equations
+from mf_dist.solvers import normal_equations, weighted_cholesky
 
 
 def predict(
@@ -109,21 +109,15 @@ def als_update_rows(
     biases (n_rows); a row with no entries gets zeros.
     """
     rank = col_vectors.shape[1]
-    dtype = col_vectors.dtype
-    ones = torch.ones(len(col_vectors), 1, dtype=dtype, device=col_vectors.device)
+    dtype, device = col_vectors.dtype, col_vectors.device
+    ones = torch.ones(len(col_vectors), 1, dtype=dtype, device=device)
     col_features = torch.cat([col_vectors, ones], dim=1)
-    features = col_features[cols]
-    targets = ratings.to(dtype) - global_mean - col_bias[cols]
-    counts = torch.bincount(rows, minlength=n_rows).to(dtype)
-    eye = torch.eye(rank + 1, dtype=dtype, device=col_vectors.device)
-    solution = torch.zeros(n_rows, rank + 1, dtype=dtype, device=col_vectors.device)
-    for start, stop in normal_equations.row_chunks(n_rows, rank + 1):
-        first, last = normal_equations.entry_ranges(rows, start, stop)
-        local = rows[first:last] - start
-        gram = normal_equations.row_gram_sums(local, cols[first:last], col_features, stop - start)
-        gram += regularization * counts[start:stop].clamp_min(1.0)[:, None, None] * eye
-        rhs = normal_equations.row_vector_sums(local, features[first:last], targets[first:last], stop - start)
-        solution[start:stop] = normal_equations.solve_normal_equations(gram, rhs)
+    targets = ratings.to(dtype) - global_mean - col_bias.to(dtype)[cols]
+    ridge = regularization * torch.bincount(rows, minlength=n_rows).to(dtype).clamp_min(1.0)
+    no_base = torch.zeros(rank + 1, rank + 1, dtype=dtype, device=device)
+    solution = weighted_cholesky.cholesky_rows(
+        rows, cols, None, targets, ridge, col_features, no_base, n_rows
+    )
     return solution[:, :rank].contiguous(), solution[:, rank].contiguous()
 
 

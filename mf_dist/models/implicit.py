@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mf_dist.solvers import normal_equations, weighted_cg
+from mf_dist.solvers import normal_equations, weighted_cg, weighted_cholesky
 
 
 def confidence(values: Tensor, alpha: float) -> Tensor:
@@ -41,23 +41,15 @@ def exact_update_rows(
     alpha: float,
     regularization: float,
 ) -> Tensor:
-    """x_u for every row by batched Cholesky; ``col_gram`` is YᵀY of the whole other side (k × k)."""
+    """x_u for every row, exactly (Cholesky); ``col_gram`` is YᵀY of the whole other side (k × k)."""
     rank = col_vectors.shape[1]
     dtype = col_vectors.dtype
-    features = col_vectors[cols]
     weights = confidence(values.to(dtype), alpha)
     base = col_gram.to(dtype) + regularization * torch.eye(rank, dtype=dtype, device=col_vectors.device)
-    solution = torch.zeros(n_rows, rank, dtype=dtype, device=col_vectors.device)
-    for start, stop in normal_equations.row_chunks(n_rows, rank):
-        first, last = normal_equations.entry_ranges(rows, start, stop)
-        local = rows[first:last] - start
-        gram = normal_equations.row_gram_sums(
-            local, cols[first:last], col_vectors, stop - start, weights[first:last] - 1
-        )
-        gram += base
-        rhs = normal_equations.row_vector_sums(local, features[first:last], weights[first:last], stop - start)
-        solution[start:stop] = normal_equations.solve_normal_equations(gram, rhs)
-    return solution
+    no_ridge = torch.zeros(n_rows, dtype=dtype, device=col_vectors.device)
+    return weighted_cholesky.cholesky_rows(
+        rows, cols, weights - 1, weights, no_ridge, col_vectors, base, n_rows
+    )
 
 
 def cg_update_rows(

@@ -109,12 +109,13 @@ def fused_rows(
 ) -> tuple[Tensor, Tensor]:
     """:func:`cg_rows` as one compiled loop over rows: CPU tensors only; releases the GIL.
 
-    Scratch: one (longest row × k) buffer for the gathered y's of a row.
+    Scratch: a (longest row × k) buffer for the gathered y's of a row and one score per entry.
     """
     solution = start.detach().clone().contiguous()
     scores = torch.empty_like(gram_weights)
     longest = int((crow[1:] - crow[:-1]).max()) if len(crow) > 1 else 0
     gathered = torch.empty(longest, col_vectors.shape[1], dtype=col_vectors.dtype)
+    along = torch.empty(longest, dtype=col_vectors.dtype)
     _row_cg_kernel()(
         crow.numpy(),
         cols.numpy(),
@@ -126,6 +127,7 @@ def fused_rows(
         solution.numpy(),
         scores.numpy(),
         gathered.numpy(),
+        along.numpy(),
     )
     return solution, scores
 
@@ -147,7 +149,7 @@ def _row_cg_kernel() -> Callable[..., None]:
 
     # reassoc lets LLVM vectorise the dot products; contract fuses multiply-adds.
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-    def row_cg(crow, cols, gram_weights, rhs_weights, y, base, steps, x_all, scores, gathered):  # noqa: ANN001, ANN202
+    def row_cg(crow, cols, gram_weights, rhs_weights, y, base, steps, x_all, scores, gathered, along):  # noqa: ANN001, ANN202
         k = y.shape[1]
         residual = np.empty(k, y.dtype)
         direction = np.empty(k, y.dtype)
@@ -171,6 +173,7 @@ def _row_cg_kernel() -> Callable[..., None]:
                 for a in range(1, k):
                     copy[a] = ye[a]
                     dot += ye[a] * x[a]
+                scores[e] = dot
                 coefficient = rhs_weights[e] - gram_weights[e] * dot
                 for a in range(k):
                     residual[a] += coefficient * ye[a]
@@ -190,6 +193,7 @@ def _row_cg_kernel() -> Callable[..., None]:
                     dot = ye[0] * direction[0]
                     for a in range(1, k):
                         dot += ye[a] * direction[a]
+                    along[e - first] = dot
                     coefficient = gram_weights[e] * dot
                     for a in range(k):
                         applied[a] += coefficient * ye[a]
@@ -204,16 +208,12 @@ def _row_cg_kernel() -> Callable[..., None]:
                     x[a] += step * direction[a]
                     residual[a] -= step * applied[a]
                     new_squared += residual[a] * residual[a]
+                # The scores follow x: y_eᵀ(x + step·d) = y_eᵀx + step·y_eᵀd, so no last pass reads the y's.
+                for e in range(first, last):
+                    scores[e] += step * along[e - first]
                 ratio = new_squared / squared
                 for a in range(k):
                     direction[a] = residual[a] + ratio * direction[a]
                 squared = new_squared
-            # The scores at the solution, while this row's y's are still in cache.
-            for e in range(first, last):
-                ye = gathered[e - first]
-                dot = ye[0] * x[0]
-                for a in range(1, k):
-                    dot += ye[a] * x[a]
-                scores[e] = dot
 
     return row_cg

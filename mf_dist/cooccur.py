@@ -7,7 +7,9 @@ transpose on the workers (S in total, twice: O(likes) memory). Tile (b, c),
 b <= c, is ``S_{:,b}ᵀ S_{:,c}``, computed by one task whose memory is
 bounded by two column slabs and one B × B tile. X is symmetric, so only
 b <= c is stored; the diagonal (per-item like counts) is stored apart and is
-zero inside the tiles.
+zero inside the tiles. Tiles that may be dense (popular items) are counted
+by the compiled loops of :mod:`mf_dist.pair_counts`, the others by scipy's
+sparse product.
 
 Each tile is written in the layout its density calls for: a dense ``.npy``
 tile (int32) when more than :data:`DENSE_TILE_DENSITY` of it is non-zero,
@@ -173,19 +175,22 @@ def tile_rows(
 
 
 def assembled_tile(*pieces: np.ndarray | sp.csr_matrix, diagonal: bool) -> np.ndarray | sp.csr_matrix:
-    """A whole tile from its row pieces in order; a dense diagonal tile gets its lower triangle."""
+    """A whole tile from its row pieces in order, in new memory (the pieces are task inputs).
+
+    A dense diagonal tile's pieces hold its upper triangle; the lower one is mirrored.
+    """
     if isinstance(pieces[0], np.ndarray):
-        tile = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        tile = np.concatenate(pieces)
         return pair_counts.mirror_upper(tile) if diagonal else tile
-    return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+    return sp.vstack(pieces, format="csr")
 
 
 def cooccurrence_tile(
     left_transposed: sp.csr_matrix, right: sp.csr_matrix, *, dense: bool, diagonal: bool
 ) -> np.ndarray | sp.csr_matrix:
-    """Tile (b, c) of X in one task: :func:`tile_rows` over all rows, assembled."""
-    rows = tile_rows(left_transposed, right, 0, left_transposed.shape[0], dense=dense, diagonal=diagonal)
-    return assembled_tile(rows, diagonal=diagonal)
+    """Tile (b, c) of X in one task: :func:`tile_rows` over all rows, mirrored on the diagonal."""
+    tile = tile_rows(left_transposed, right, 0, left_transposed.shape[0], dense=dense, diagonal=diagonal)
+    return pair_counts.mirror_upper(tile) if dense and diagonal else tile
 
 
 def row_pieces(work: np.ndarray, pieces: int) -> list[tuple[int, int]]:

@@ -83,3 +83,16 @@ def test_off_diagonal_entries_and_summary(diagonal, shape):
     nonzeros, squares = pair_counts.off_diagonal_summary(tile, diagonal=diagonal)
     assert nonzeros == np.count_nonzero(kept)
     assert squares == sum(int(v) ** 2 for v in kept.ravel())
+
+
+def test_assembled_diagonal_tile_leaves_its_pieces_as_they_were():
+    """Pieces are Dask task inputs: assembling (and mirroring) works on new memory."""
+    from mf_dist.cooccur import assembled_tile
+
+    s = binary_csr(40, 12, 0.4, seed=5, index_dtype=np.int32)
+    left = s.T.tocsr()
+    pieces = [pair_counts.dense_rows(left, s, a, b, upper=True) for a, b in [(0, 5), (5, 12)]]
+    before = [piece.copy() for piece in pieces]
+    np.testing.assert_array_equal(assembled_tile(*pieces, diagonal=True), s.toarray().T @ s.toarray())
+    for piece, original in zip(pieces, before, strict=True):
+        np.testing.assert_array_equal(piece, original)

@@ -67,12 +67,19 @@ def mirror_upper(tile: np.ndarray) -> np.ndarray:
 
 
 def off_diagonal_summary(tile: np.ndarray, *, diagonal: bool) -> tuple[int, int]:
-    """(non-zeros, Σ count²) of a dense int32 tile, its diagonal left out when ``diagonal``.
+    """(non-zeros, exact Σ count²) of a dense int32 tile, its diagonal left out when ``diagonal``.
 
-    Summed in int64: exact while Σ count² < 2⁶³, which a 4,096 × 4,096 tile
-    keeps for counts up to 740,000 users.
+    The loop sums in int64, exact while Σ count² < 2⁶³ (a 4,096 × 4,096 tile
+    of counts up to 740,000 users); a tile that could pass that is summed
+    row by row (each row's int64 sum is exact) into a Python integer.
     """
     nonzeros, squares = _kernels()["summary"](tile, diagonal)
+    largest = int(tile.max(initial=0)) if tile.size else 0
+    if largest * largest * tile.size >= 2**63:
+        rows = tile.astype(np.int64)
+        if diagonal:
+            np.fill_diagonal(rows, 0)
+        squares = sum(int(row @ row) for row in rows)
     return int(nonzeros), int(squares)
 
 

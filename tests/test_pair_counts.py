@@ -12,7 +12,11 @@ from mf_dist import pair_counts
 def binary_csr(rows: int, cols: int, density: float, seed: int, index_dtype: type) -> sp.csr_matrix:
     """A random binary CSR matrix (int32 values, sorted indices of ``index_dtype``)."""
     dense = (np.random.default_rng(seed).random((rows, cols)) < density).astype(np.int32)
-    matrix = sp.csr_matrix(dense)
+    return with_index_dtype(sp.csr_matrix(dense), index_dtype)
+
+
+def with_index_dtype(matrix: sp.csr_matrix, index_dtype: type) -> sp.csr_matrix:
+    """``matrix`` with both index arrays in ``index_dtype`` (scipy picks int32 when it can)."""
     matrix.indptr = matrix.indptr.astype(index_dtype)
     matrix.indices = matrix.indices.astype(index_dtype)
     return matrix
@@ -24,7 +28,7 @@ def binary_csr(rows: int, cols: int, density: float, seed: int, index_dtype: typ
 def test_dense_rows_of_an_off_diagonal_tile(index_dtype, density, ranges):
     left_s = binary_csr(50, 23, density, seed=1, index_dtype=index_dtype)
     right = binary_csr(50, 31, density, seed=2, index_dtype=index_dtype)
-    left = left_s.T.tocsr()
+    left = with_index_dtype(left_s.T.tocsr(), index_dtype)
     expected = left_s.toarray().T @ right.toarray()
     pieces = [pair_counts.dense_rows(left, right, start, stop, upper=False) for start, stop in ranges]
     assert all(piece.dtype == np.int32 for piece in pieces)
@@ -33,12 +37,14 @@ def test_dense_rows_of_an_off_diagonal_tile(index_dtype, density, ranges):
     np.testing.assert_array_equal(work, left_s.toarray().T @ right.toarray().sum(axis=1))
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("density", [0.02, 0.3, 0.9])
 @pytest.mark.parametrize("ranges", [[(0, 29)], [(0, 4), (4, 5), (5, 29)]])
-def test_upper_triangle_of_a_diagonal_tile_mirrored(density, ranges):
+def test_upper_triangle_of_a_diagonal_tile_mirrored(index_dtype, density, ranges):
     """On the diagonal only j ≥ i is counted, in any row pieces; mirroring gives SᵀS."""
-    s = binary_csr(60, 29, density, seed=3, index_dtype=np.int32)
-    left = s.T.tocsr()
+    s = binary_csr(60, 29, density, seed=3, index_dtype=index_dtype)
+    left = with_index_dtype(s.T.tocsr(), index_dtype)
+    assert left.indices.dtype == s.indices.dtype == index_dtype
     full = s.toarray().T @ s.toarray()
     upper = np.concatenate([pair_counts.dense_rows(left, s, a, b, upper=True) for a, b in ranges])
     np.testing.assert_array_equal(upper, np.triu(full))
@@ -96,3 +102,12 @@ def test_assembled_diagonal_tile_leaves_its_pieces_as_they_were():
     np.testing.assert_array_equal(assembled_tile(*pieces, diagonal=True), s.toarray().T @ s.toarray())
     for piece, original in zip(pieces, before, strict=True):
         np.testing.assert_array_equal(piece, original)
+
+
+def test_summary_of_counts_past_int64_squares_is_still_exact():
+    """Counts whose squares sum past 2⁶³ fall back to exact Python integers."""
+    tile = np.full((3, 3), 2_000_000_000, dtype=np.int32)
+    tile[1, 1] = 5
+    nonzeros, squares = pair_counts.off_diagonal_summary(tile, diagonal=True)
+    assert nonzeros == 6
+    assert squares == 6 * 2_000_000_000**2

@@ -123,12 +123,13 @@ def test_non_finite_factors_are_a_training_error():
         weighted_cholesky.fused_rows(**case)
 
 
-def test_cpu_tensors_take_the_fused_loop(monkeypatch):
+@pytest.mark.parametrize(("device", "expected"), [("cpu", "fused"), ("meta", "batched")])
+def test_cpu_tensors_take_the_fused_loop_and_others_the_batched_one(monkeypatch, device, expected):
+    """``meta`` tensors stand for any other device: only the dispatch is under test."""
     case = block(7, 9, 3, seed=2, weighted=True)
+    case = {name: value.to(device) if torch.is_tensor(value) else value for name, value in case.items()}
     calls = []
-    monkeypatch.setattr(weighted_cholesky, "fused_rows", lambda *args: calls.append("fused") or args[5][:7])
-    monkeypatch.setattr(
-        weighted_cholesky, "batched_rows", lambda *args: calls.append("batched") or args[5][:7]
-    )
+    monkeypatch.setattr(weighted_cholesky, "fused_rows", lambda *args: calls.append("fused"))
+    monkeypatch.setattr(weighted_cholesky, "batched_rows", lambda *args: calls.append("batched"))
     weighted_cholesky.cholesky_rows(**case)
-    assert calls == ["fused"]
+    assert calls == [expected]

@@ -248,7 +248,7 @@ def store_tile(
         layout = "sparse"
         path = Path(directory) / f"{name}.parquet"
         if isinstance(tile, np.ndarray):
-            rows, cols, counts = pair_counts.off_diagonal_entries(tile, diagonal=on_diagonal)
+            rows, cols, counts = pair_counts.off_diagonal_entries(tile, diagonal=on_diagonal, nonzeros=nnz)
         else:
             rows = np.repeat(np.arange(tile.shape[0], dtype=np.int32), np.diff(tile.indptr))
             cols, counts = tile.indices, tile.data

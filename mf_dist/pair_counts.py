@@ -73,9 +73,8 @@ def off_diagonal_summary(tile: np.ndarray, *, diagonal: bool) -> tuple[int, int]
     of counts up to 740,000 users); a tile that could pass that is summed
     row by row (each row's int64 sum is exact) into a Python integer.
     """
-    nonzeros, squares = _kernels()["summary"](tile, diagonal)
-    largest = int(tile.max(initial=0)) if tile.size else 0
-    if largest * largest * tile.size >= 2**63:
+    nonzeros, squares, largest = _kernels()["summary"](tile, diagonal)
+    if int(largest) ** 2 * tile.size >= 2**63:
         rows = tile.astype(np.int64)
         if diagonal:
             np.fill_diagonal(rows, 0)
@@ -83,12 +82,15 @@ def off_diagonal_summary(tile: np.ndarray, *, diagonal: bool) -> tuple[int, int]
     return int(nonzeros), int(squares)
 
 
-def off_diagonal_entries(tile: np.ndarray, *, diagonal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def off_diagonal_entries(
+    tile: np.ndarray, *, diagonal: bool, nonzeros: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols, counts) of a dense int32 tile's non-zeros in row-major order, all int32.
 
+    ``nonzeros`` is the count :func:`off_diagonal_summary` gave for the same
+    ``diagonal``: callers have it already, and counting again is a whole pass.
     The diagonal is left out when ``diagonal``: the stage stores it apart.
     """
-    nonzeros, _ = off_diagonal_summary(tile, diagonal=diagonal)
     rows, cols, counts = (np.empty(nonzeros, dtype=np.int32) for _ in range(3))
     _kernels()["entries"](tile, diagonal, rows, cols, counts)
     return rows, cols, counts
@@ -99,7 +101,8 @@ def warm_up() -> None:
     square = sp.csr_matrix(np.eye(2, dtype=np.int32))
     row_work(square, square, upper=True)
     tile = mirror_upper(dense_rows(square, square, 0, 2, upper=True))
-    off_diagonal_entries(tile, diagonal=True)
+    nonzeros, _ = off_diagonal_summary(tile, diagonal=True)
+    off_diagonal_entries(tile, diagonal=True, nonzeros=nonzeros)
 
 
 @cache
@@ -158,18 +161,20 @@ def _kernels() -> dict[str, Callable[..., None]]:
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
     def summary_kernel(tile, diagonal):  # noqa: ANN001, ANN202
-        nonzeros, squares = 0, 0
+        # Also the largest count (diagonal included), by which the caller knows whether int64 sufficed.
+        nonzeros, squares, largest = 0, 0, 0
         for i in range(tile.shape[0]):
             row = tile[i]
             for j in range(tile.shape[1]):
                 count = np.int64(row[j])
                 nonzeros += count != 0
                 squares += count * count
+                largest = max(largest, count)
             if diagonal and i < tile.shape[1]:
                 count = np.int64(row[i])
                 nonzeros -= count != 0
                 squares -= count * count
-        return nonzeros, squares
+        return nonzeros, squares, largest
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
     def entries_kernel(tile, diagonal, rows, cols, counts):  # noqa: ANN001, ANN202

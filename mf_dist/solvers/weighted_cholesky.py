@@ -9,7 +9,8 @@ zero for explicit ratings), ρ_r a ridge per row (λ n_r for weighted-λ
 explicit ALS), f the rows of ``col_features`` (m × K), w the ``gram_weights``
 (None for all ones) and b the ``rhs_weights`` of the entries, ``rows`` sorted
 ascending. A row whose system is not numerically positive definite is
-retried with a ridge of 10⁻⁶ of its mean diagonal (at least 10⁻⁶), so one
+retried with a ridge of ``normal_equations.SINGULAR_RIDGE`` times its mean
+|diagonal| (at least 1), the same rule in both implementations, so one
 degenerate row cannot fail a block; rows without entries get x_r = 0, their
 exact solution (their right-hand side is 0).
 
@@ -188,20 +189,24 @@ def _row_cholesky_kernel() -> Callable[..., int]:
                     weighted, weight = scaled[e], gram_weights[first + e]
                     for a in range(width):
                         weighted[a] = weight * source[a]
-            # The row's system is one GEMM of its gathered features (BLAS).
-            left = copies[:count] if unit else scaled[:count]
-            system = np.dot(left.T, copies[:count]) + base
             rhs[:] = np.dot(copies[:count].T, rhs_weights[first:last])
-            for a in range(width):
-                system[a, a] += ridge[row]
-            assembled = system.copy()
-            if not factor_in_place(system):
-                scale = max(1.0, np.abs(np.diag(assembled)).mean())
-                system[:] = assembled
+            left = copies[:count] if unit else scaled[:count]
+            factored = False
+            for attempt in range(2):
+                # The row's system is one GEMM of its gathered features (BLAS);
+                # the rare retry forms it again rather than every row keeping a copy.
+                system = np.dot(left.T, copies[:count]) + base
                 for a in range(width):
-                    system[a, a] += 1e-6 * scale
-                if not factor_in_place(system):
-                    return row
+                    system[a, a] += ridge[row]
+                if attempt == 1:
+                    scale = max(1.0, np.abs(np.diag(system)).mean())
+                    for a in range(width):
+                        system[a, a] += normal_equations.SINGULAR_RIDGE * scale
+                if factor_in_place(system):
+                    factored = True
+                    break
+            if not factored:
+                return row
             # L y = b, then Lᵀ x = y.
             for i in range(width):
                 total = rhs[i]

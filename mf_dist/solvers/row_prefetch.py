@@ -1,0 +1,68 @@
+"""Software prefetch of table rows for compiled loops that gather them in random order.
+
+The row loops of :mod:`mf_dist.solvers.weighted_cg` and
+:mod:`mf_dist.solvers.weighted_cholesky` read, entry by entry, the other
+side's row that each entry points at: random rows of a table of tens of MB,
+one cache miss each that the hardware prefetcher cannot foresee. Asking for
+the rows of the entries a few places ahead (LLVM's ``llvm.prefetch``) lets
+those misses overlap the arithmetic on the current ones. At ML-20M's shape,
+k = 64, one core: a block of items went from 86–128 ms to 29–54 ms in the CG
+loop with this and its four-entry passes, a block of users from 18 to 9 ms.
+
+A prefetch is a hint: it never faults and changes no result.
+
+Numba's disk cache of a loop that calls :func:`row_prefetcher`'s function
+is keyed by the loop's own source file only; a change here needs those files
+touched (or ``__pycache__`` cleared) to take effect in development.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+# A cache line on every x86-64 and ARM server CPU we target.
+CACHE_LINE_BYTES = 64
+
+
+@cache
+def row_prefetcher() -> Callable[..., None]:
+    """A compiled ``prefetch_rows(table, indices, start, stop)``: hint rows ``table[indices[start:stop]]``.
+
+    ``table`` is a C-contiguous 2-D array; ``indices`` index its rows; indices
+    past the end of ``indices`` are skipped, so callers may ask beyond the
+    entries they have. Call it from other compiled loops (nogil).
+    """
+    import numba
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch_line(typingctx, address):  # noqa: ANN001, ANN202, ARG001
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+            byte_pointer = ir.IntType(8).as_pointer()
+            word = ir.IntType(32)
+            function = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word]),
+                "llvm.prefetch.p0",
+            )
+            # (address, read, keep in all cache levels, data cache)
+            hint = [ir.Constant(word, 0), ir.Constant(word, 3), ir.Constant(word, 1)]
+            builder.call(function, [builder.inttoptr(args[0], byte_pointer), *hint])
+            return context.get_dummy_value()
+
+        return types.void(types.intp), codegen
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def prefetch_rows(table, indices, start, stop):  # noqa: ANN001, ANN202
+        origin = table.ctypes.data
+        row_bytes = table.strides[0]
+        lines = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
+        for position in range(start, min(stop, len(indices))):
+            row = origin + indices[position] * row_bytes
+            for line in range(lines):
+                prefetch_line(row + CACHE_LINE_BYTES * line)
+
+    return prefetch_rows

@@ -39,8 +39,8 @@ def row_prefetcher() -> Callable[..., None]:
     from numba.extending import intrinsic
 
     @intrinsic
-    def prefetch_line(typingctx, address):  # noqa: ANN001, ANN202, ARG001
-        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
+    def prefetch_line(typingctx, address):  # noqa: ANN001, ANN202
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
             byte_pointer = ir.IntType(8).as_pointer()
             word = ir.IntType(32)
             function = cgutils.get_or_insert_function(

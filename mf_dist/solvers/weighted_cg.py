@@ -175,8 +175,8 @@ def _row_cg_kernel() -> Callable[..., None]:
             for b in range(k):
                 out[b] += v0 * b0[b] + v1 * b1[b] + v2 * b2[b] + v3 * b3[b]
             a += 4
-        for a in range(a, k):
-            va, ba = scale * v[a], base[a]
+        for rest in range(a, k):
+            va, ba = scale * v[rest], base[rest]
             for b in range(k):
                 out[b] += va * ba[b]
 
@@ -238,13 +238,13 @@ def _row_cg_kernel() -> Callable[..., None]:
             for a in range(k):
                 applied[a] += c0 * y0[a] + c1 * y1[a] + c2 * y2[a] + c3 * y3[a]
             i += 4
-        for i in range(i, count):
-            ye = gathered[i]
+        for rest in range(i, count):
+            ye = gathered[rest]
             dot = direction.dtype.type(0)
             for a in range(k):
                 dot += ye[a] * direction[a]
-            along[i] = dot
-            coefficient = weights[i] * dot
+            along[rest] = dot
+            coefficient = weights[rest] * dot
             for a in range(k):
                 applied[a] += coefficient * ye[a]
 

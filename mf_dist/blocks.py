@@ -7,8 +7,11 @@ A ratings block (p, q) holds user block p × item block q; a co-occurrence tile
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,18 @@ class BlockGrid:
         """Yield ``(block, start, stop)`` for every block."""
         for block in range(self.n_blocks):
             yield (block, *self.bounds(block))
+
+
+def row_pieces(work: np.ndarray, pieces: int) -> list[tuple[int, int]]:
+    """Cut rows ``[0, len(work))`` into at most ``pieces`` non-empty ranges of about equal total work."""
+    if pieces <= 1 or len(work) <= 1:
+        return [(0, len(work))]
+    cumulative = np.cumsum(work, dtype=np.float64)
+    targets = cumulative[-1] * np.arange(1, pieces) / pieces
+    # Each cut goes after the row in which its target share of the work is reached.
+    cuts = np.unique(np.searchsorted(cumulative, targets, side="left") + 1)
+    bounds = [0, *[int(cut) for cut in cuts if 0 < cut < len(work)], len(work)]
+    return list(itertools.pairwise(bounds))
 
 
 def upper_triangle(n_blocks: int) -> list[tuple[int, int]]:

@@ -19,7 +19,6 @@ tile).
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from distributed import Client, Future
 from pydantic import BaseModel
 
 from mf_dist import pair_counts
-from mf_dist.blocks import BlockGrid, upper_triangle
+from mf_dist.blocks import BlockGrid, row_pieces, upper_triangle
 from mf_dist.errors import InputError
 from mf_dist.ingest import IngestResult, liked_mask
 from mf_dist.schema import COOCCURRENCE_DIR, TILE_SCHEMA
@@ -191,18 +190,6 @@ def cooccurrence_tile(
     """Tile (b, c) of X in one task: :func:`tile_rows` over all rows, mirrored on the diagonal."""
     tile = tile_rows(left_transposed, right, 0, left_transposed.shape[0], dense=dense, diagonal=diagonal)
     return pair_counts.mirror_upper(tile) if dense and diagonal else tile
-
-
-def row_pieces(work: np.ndarray, pieces: int) -> list[tuple[int, int]]:
-    """Cut rows ``[0, len(work))`` into at most ``pieces`` non-empty ranges of about equal total work."""
-    if pieces <= 1 or len(work) <= 1:
-        return [(0, len(work))]
-    cumulative = np.cumsum(work, dtype=np.float64)
-    targets = cumulative[-1] * np.arange(1, pieces) / pieces
-    # Each cut goes after the row in which its target share of the work is reached.
-    cuts = np.unique(np.searchsorted(cumulative, targets, side="left") + 1)
-    bounds = [0, *[int(cut) for cut in cuts if 0 < cut < len(work)], len(work)]
-    return list(itertools.pairwise(bounds))
 
 
 def exact_sum_of_squares(counts: np.ndarray) -> int:

@@ -299,6 +299,7 @@ class BlockStats:
     duplicates_resolved: int
     rating_sum: float
     user_counts: np.ndarray
+    user_like_counts: np.ndarray
     item_ids: np.ndarray
     item_counts: np.ndarray
     item_like_counts: np.ndarray
@@ -392,6 +393,7 @@ def finalise_block(
         duplicates_resolved=n_duplicates,
         rating_sum=float(rating.astype(np.float64).sum()),
         user_counts=np.bincount(user - start, minlength=stop - start),
+        user_like_counts=np.bincount(user[liked] - start, minlength=stop - start),
         item_ids=item_ids,
         item_counts=item_counts,
         item_like_counts=liked_counts,
@@ -614,7 +616,10 @@ def _ingest(
         "user_id",
         user_index,
         columns.user_id_type,
-        {"n_ratings": np.concatenate([s.user_counts for s in stats])},
+        {
+            "n_ratings": np.concatenate([s.user_counts for s in stats]),
+            "n_likes": np.concatenate([s.user_like_counts for s in stats]),
+        },
     )
     _write_id_map(
         directory / "items.parquet",

@@ -5,7 +5,7 @@ their layout bumps :data:`FORMAT_VERSION`.
 
 Work directory (intermediate, owned by the pipeline)::
 
-    <work>/ingest/users.parquet         index:int32, user_id, n_ratings:int64
+    <work>/ingest/users.parquet         index:int32, user_id, n_ratings:int64, n_likes:int64
     <work>/ingest/items.parquet         index:int32, item_id, n_ratings:int64, n_likes:int64
     <work>/ingest/ratings/block-P.parquet   user:int32, item:int32, rating:float32
     <work>/ingest/summary.json

@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from mf_dist import cooccur
-from mf_dist.cooccur import cooccurrence_blocks, load_tile, row_pieces
+from mf_dist.blocks import row_pieces
+from mf_dist.cooccur import cooccurrence_blocks, load_tile
 from mf_dist.errors import InputError
 from mf_dist.ingest import ingest_ratings, liked_mask
 

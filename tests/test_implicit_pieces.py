@@ -1,23 +1,36 @@
-"""Implicit ALS solved in row pieces (load balancing of crowded blocks) equals the whole-block solve."""
+"""Both sides of the ratings cut into row pieces (load balancing of crowded blocks), and ALS on them.
+
+The pieces are planned from the counts ingest wrote, built on a real two-process
+cluster, and solving them one by one equals the whole-block solve.
+"""
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mf_dist.blocks import BlockGrid
+from mf_dist.blocks import BlockGrid, row_pieces
+from mf_dist.ingest import ingest_ratings
 from mf_dist.models import implicit
 from mf_dist.solvers.gradient import RowBlock
 from mf_dist.trainers.implicit import other_side
 from mf_dist.trainers.piece_placement import least_loaded_placement
 from mf_dist.trainers.ratings_sides import (
+    SPLIT_FACTOR,
     SideEntries,
-    balanced_row_ranges,
+    load_ratings_sides,
     merge_pieces,
+    plan_pieces,
+    read_user_block,
+    row_entry_counts,
     slice_rows,
-    split_by_item_block,
+    split_by_item_ranges,
 )
 
 
@@ -32,16 +45,27 @@ def skewed_entries(n_rows: int, n_cols: int, seed: int) -> SideEntries:
     return SideEntries(rows=rows, cols=cols, values=values, n_rows=n_rows)
 
 
-def test_balanced_row_ranges_cover_the_rows_with_even_counts():
-    entries = skewed_entries(40, 50, seed=1)
-    ranges = balanced_row_ranges(entries, 4)
-    assert ranges[0][0] == 0 and ranges[-1][1] == entries.n_rows
-    assert all(start < stop for start, stop in ranges)
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-    counts = [len(slice_rows(entries, start, stop).values) for start, stop in ranges]
-    assert sum(counts) == len(entries.values)
-    assert max(counts) < 0.5 * len(entries.values)
-    assert balanced_row_ranges(entries, 1) == [(0, entries.n_rows)]
+@pytest.mark.parametrize("split", [True, False])
+def test_plans_cut_only_crowded_blocks_into_balanced_row_ranges(split):
+    generator = np.random.default_rng(1)
+    counts = generator.integers(0, 5, size=70)
+    counts[:10] = generator.integers(40, 90, size=10)  # block 0 is crowded
+    grid = BlockGrid(n_rows=70, block_size=16)
+    plan = plan_pieces(counts, grid, split=split)
+    assert len(plan) == grid.n_blocks
+    mean = counts.sum() / grid.n_blocks
+    for (_, start, stop), ranges in zip(grid, plan, strict=True):
+        assert ranges[0][0] == 0 and ranges[-1][1] == stop - start
+        assert all(a < b for a, b in ranges)
+        assert all(x[1] == y[0] for x, y in itertools.pairwise(ranges))
+        block_counts = counts[start:stop]
+        if not split or block_counts.sum() <= SPLIT_FACTOR * mean:
+            assert ranges == [(0, stop - start)]
+        else:
+            # A piece holds about the mean, at most one row more.
+            assert len(ranges) == int(np.ceil(block_counts.sum() / mean))
+            assert all(block_counts[a:b].sum() <= mean + block_counts.max() for a, b in ranges)
+    assert (len(plan[0]) > 1) == split
 
 
 def test_cg_on_row_pieces_equals_the_whole_block():
@@ -51,7 +75,10 @@ def test_cg_on_row_pieces_equals_the_whole_block():
     x = torch.randn(30, 6, generator=generator, dtype=torch.float64)
     whole, _ = implicit.cg_update_rows(entries.rows, entries.cols, entries.values, x, y, y.T @ y, 5.0, 0.2, 3)
     pieces = []
-    for start, stop in balanced_row_ranges(entries, 3):
+    counts = torch.bincount(entries.rows, minlength=entries.n_rows).numpy()
+    ranges = row_pieces(counts, 3)
+    assert len(ranges) == 3
+    for start, stop in ranges:
         piece = slice_rows(entries, start, stop)
         pieces.append(
             implicit.cg_update_rows(
@@ -75,19 +102,66 @@ def test_pieces_go_to_the_least_loaded_worker_largest_first():
         least_loaded_placement({}, [1])
 
 
-def test_merged_item_blocks_are_sorted_by_item_then_user():
-    """merge_pieces's single stable sort gives the (item, user) order the two-key sort gave."""
+def test_item_pieces_are_sorted_by_item_then_user():
+    """Cut by item ranges (boundaries inside blocks too) and merged, each piece is its items' entries."""
     entries = skewed_entries(30, 40, seed=5)
-    grid = BlockGrid(n_rows=40, block_size=16)
-    pieces = [split_by_item_block(slice_rows(entries, a, b), a, grid) for a, b in ((0, 12), (12, 30))]
-    for q, start, stop in grid:
-        merged = merge_pieces(stop - start, *[piece[q] for piece in pieces])
+    bounds = np.array([0, 3, 16, 17, 29, 40])
+    user_blocks = ((0, 12), (12, 30))
+    cuts = [split_by_item_ranges(slice_rows(entries, a, b), a, bounds) for a, b in user_blocks]
+    for q, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        merged = merge_pieces(stop - start, *[cut[q] for cut in cuts])
+        assert merged.n_rows == stop - start
         inside = (entries.cols >= start) & (entries.cols < stop)
         keys = (entries.cols[inside] - start) * 1000 + entries.rows[inside]
         order = torch.argsort(keys)
         torch.testing.assert_close(merged.rows, (entries.cols[inside] - start)[order], rtol=0, atol=0)
         torch.testing.assert_close(merged.cols, entries.rows[inside][order], rtol=0, atol=0)
         torch.testing.assert_close(merged.values, entries.values[inside][order], rtol=0, atol=0)
+
+
+def test_unsorted_blocks_are_sorted_when_read(tmp_path):
+    path = tmp_path / "block.parquet"
+    frame = {"user": [5, 4, 5, 4], "item": [2, 7, 1, 3], "rating": [1.0, 2.0, 3.0, 4.5]}
+    pq.write_table(pa.table(frame), path)
+    entries = read_user_block(str(path), 4, 2, like_threshold=None)
+    assert entries.rows.tolist() == [0, 0, 1, 1]
+    assert entries.cols.tolist() == [3, 7, 1, 2]
+    assert entries.values.tolist() == [4.5, 2.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_loaded_sides_hold_every_entry_in_its_planned_piece(clients, tmp_path, tiny_input, split):
+    """On two worker processes: each piece holds its rows' likes, and both workers hold pieces."""
+    client = clients[2]
+    ingest = ingest_ratings(client, str(tiny_input), tmp_path / "work", block_size=32, like_threshold=3.5)
+    sides = load_ratings_sides(client, ingest, liked_only=True, resources=None, split=split)
+    assert sides.n_entries == ingest.n_likes
+    blocks = [pq.read_table(ingest.ratings_path(b)).to_pandas() for b in range(ingest.user_grid.n_blocks)]
+    likes = pd.concat(blocks)
+    likes = likes[likes.rating >= 3.5]
+    user_counts, item_counts = row_entry_counts(ingest, liked_only=True)
+    assert user_counts.tolist() == np.bincount(likes.user, minlength=ingest.n_users).tolist()
+    assert item_counts.tolist() == np.bincount(likes.item, minlength=ingest.n_items).tolist()
+    if split:
+        assert any(len(ranges) > 1 for ranges in sides.item_ranges)
+    else:
+        assert all(len(ranges) == 1 for ranges in sides.user_ranges + sides.item_ranges)
+    for side, grid, row, col in (
+        ("user", ingest.user_grid, "user", "item"),
+        ("item", ingest.item_grid, "item", "user"),
+    ):
+        futures, plan = getattr(sides, f"{side}s"), getattr(sides, f"{side}_ranges")
+        for (_, start, _), pieces, ranges in zip(grid, futures, plan, strict=True):
+            for piece, (a, b) in zip(client.gather(pieces), ranges, strict=True):
+                first = start + a
+                expected = likes[(likes[row] >= first) & (likes[row] < start + b)]
+                expected = expected.sort_values([row, col])
+                assert piece.n_rows == b - a
+                assert piece.rows.tolist() == (expected[row] - first).tolist()
+                assert piece.cols.tolist() == expected[col].tolist()
+                assert piece.values.tolist() == expected.rating.tolist()
+    holders = client.who_has([f for pieces in sides.items for f in pieces])
+    assert len({worker for workers in holders.values() for worker in workers}) == 2
 
 
 def test_the_other_side_is_reused_only_for_the_same_blocks():

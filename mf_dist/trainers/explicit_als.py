@@ -139,16 +139,16 @@ class ExplicitALS:
         mean = self.ingest.global_mean
         self.users = [
             self._submit(solve_side_block, entries, block, mean, s, *self.items)
-            for entries, block in zip(self.sides.users, self.users, strict=True)
+            for entries, block in zip(self.sides.user_blocks(), self.users, strict=True)
         ]
         self.items = [
             self._submit(solve_side_block, entries, block, mean, s, *self.users)
-            for entries, block in zip(self.sides.items, self.items, strict=True)
+            for entries, block in zip(self.sides.item_blocks(), self.items, strict=True)
         ]
         sums = self.client.gather(
             [
                 self._submit(side_objective, entries, block, mean, s.regularization, *self.users)
-                for entries, block in zip(self.sides.items, self.items, strict=True)
+                for entries, block in zip(self.sides.item_blocks(), self.items, strict=True)
             ]
         )
         n = max(1, self.sides.n_entries)

@@ -15,7 +15,6 @@ The loss after an epoch is the full Hu et al. objective (all pairs).
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from distributed import Client, Future
 
-from mf_dist.blocks import BlockGrid
 from mf_dist.cluster import compute_device
 from mf_dist.config import TrainSettings
 from mf_dist.factor_files import FactorTable, block_seed
@@ -31,25 +29,15 @@ from mf_dist.ingest import IngestResult
 from mf_dist.models import implicit as objective
 from mf_dist.solvers.gradient import RowBlock, optimizer_step
 from mf_dist.trainers.epoch_loop import Measurement
-from mf_dist.trainers.piece_placement import least_loaded_placement
 from mf_dist.trainers.ratings_sides import (
+    RowRange,
     SideEntries,
-    balanced_row_ranges,
     concatenate_vectors,
-    entry_count,
     load_ratings_sides,
     random_row_block,
-    slice_rows,
 )
 
 INITIAL_SCALE = 0.01
-
-
-RowRange = tuple[int, int]
-
-# A block with more than this many times its side's mean entries per block is
-# cut into row pieces of about the mean (see ``ImplicitModel._pieces``).
-SPLIT_FACTOR = 1.25
 
 
 def als_block(
@@ -248,15 +236,26 @@ class ImplicitModel:
         self.settings = settings
         self.resources = resources
         self.update: Callable[..., ScoredRowBlock] = als_block if settings.solver == "als" else gradient_block
-        self.sides = load_ratings_sides(client, ingest, liked_only=True, resources=resources)
-        # Cut on first use: finding the item pieces waits for the item side's
-        # shuffle, which then runs while the first user updates do.
-        self.user_pieces: list[list[tuple[Future, RowRange]]] | None = None
-        self.item_pieces: list[list[tuple[Future, RowRange]]] | None = None
+        # The starting factors first: Dask runs ready tasks in the order they
+        # were submitted, and the first user solves need every item block.
         initial = initial or {}
         self.users = initial.get("users") or self._random_blocks(ingest.user_grid, 0)
         self.users_ahead: list[Future] | None = None
         self.items = initial.get("items") or self._random_blocks(ingest.item_grid, 1)
+        # ALS solves every row on its own, so crowded blocks are cut into row
+        # pieces that run as separate tasks; the optimiser state of the
+        # gradient solvers is per block, so they keep whole blocks.
+        self.sides = load_ratings_sides(
+            client, ingest, liked_only=True, resources=resources, split=settings.solver == "als"
+        )
+        self.user_pieces = [
+            list(zip(entries, ranges, strict=True))
+            for entries, ranges in zip(self.sides.users, self.sides.user_ranges, strict=True)
+        ]
+        self.item_pieces = [
+            list(zip(entries, ranges, strict=True))
+            for entries, ranges in zip(self.sides.items, self.sides.item_ranges, strict=True)
+        ]
 
     def _submit(self, function: object, *args: object) -> Future:
         return self.client.submit(function, *args, resources=self.resources, pure=False)
@@ -273,77 +272,6 @@ class ImplicitModel:
             )
             for block, start, stop in grid  # type: ignore[attr-defined]
         ]
-
-    def _pieces(self, sides: list[Future], grid: BlockGrid) -> list[list[tuple[Future, RowRange]]]:
-        """Per block: (entries future, row range) of each piece its rows are solved in.
-
-        The work of a block is proportional to its entries, and popular items
-        crowd into few blocks (one item block of the small benchmark holds
-        80% of the likes), so one task would hold up the whole side while
-        the other workers idle. ALS blocks with more than ``SPLIT_FACTOR``
-        times the side's mean entries are cut into row pieces of about the
-        mean, solved as separate tasks: every row is solved independently,
-        so the cut depends on the data only and the result stays the same.
-        The gradient solver keeps whole blocks (its optimiser state is per block).
-        """
-        counts = self.client.gather([self._submit(entry_count, entries) for entries in sides])
-        mean = max(1.0, sum(counts) / max(1, len(counts)))
-        split = {
-            index: math.ceil(count / mean)
-            for index, count in enumerate(counts)
-            if self.settings.solver == "als" and count > SPLIT_FACTOR * mean
-        }
-        ranges = dict(
-            zip(
-                split,
-                self.client.gather(
-                    [self._submit(balanced_row_ranges, sides[index], n) for index, n in split.items()]
-                ),
-                strict=True,
-            )
-        )
-        # Balanced ranges hold about equal shares of their block's entries.
-        new_pieces = [(index, start, stop) for index in ranges for start, stop in ranges[index]]
-        workers = least_loaded_placement(
-            self._held_entries(sides, counts, set(ranges)),
-            [counts[index] // len(ranges[index]) for index, _, _ in new_pieces],
-        )
-        cut = {
-            (index, start): self.client.submit(
-                slice_rows,
-                sides[index],
-                start,
-                stop,
-                workers=[worker],
-                allow_other_workers=True,
-                resources=self.resources,
-                pure=False,
-            )
-            for (index, start, stop), worker in zip(new_pieces, workers, strict=True)
-        }
-        pieces = []
-        for index, (entries, (_, first, last)) in enumerate(zip(sides, grid, strict=True)):
-            if index not in ranges:
-                pieces.append([(entries, (0, last - first))])
-            else:
-                pieces.append([(cut[index, start], (start, stop)) for start, stop in ranges[index]])
-        return pieces
-
-    def _held_entries(self, sides: list[Future], counts: list[int], moving: set[int]) -> dict[str, int]:
-        """Entries of the blocks that stay whole, per worker that may run this model's tasks."""
-        needed = self.resources or {}
-        held = {
-            address: 0
-            for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items()
-            if all(info.get("resources", {}).get(name, 0) >= amount for name, amount in needed.items())
-        }
-        staying = [index for index in range(len(sides)) if index not in moving]
-        locations = self.client.who_has([sides[index] for index in staying])
-        for index in staying:
-            holders = locations.get(sides[index].key, ())
-            if holders and holders[0] in held:
-                held[holders[0]] += counts[index]
-        return held
 
     def _update_side(
         self,
@@ -368,12 +296,8 @@ class ImplicitModel:
         return updated
 
     def run_epoch(self, epoch: int) -> list[Measurement]:
-        if self.user_pieces is None:
-            self.user_pieces = self._pieces(self.sides.users, self.ingest.user_grid)
         self.users = self.users_ahead or self._update_side(self.user_pieces, self.users, self.items, False)
         self.users_ahead = None
-        if self.item_pieces is None:
-            self.item_pieces = self._pieces(self.sides.items, self.ingest.item_grid)
         # The item tasks also return the liked loss terms and Gram matrices at the new factors.
         self.items = self._update_side(self.item_pieces, self.items, self.users, True)
         summaries = [

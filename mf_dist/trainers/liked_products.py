@@ -134,8 +134,12 @@ class LikedGramProducts:
         self.resources = resources
         sides = load_ratings_sides(client, ingest, liked_only=True, resources=resources)
         self.n_likes = sides.n_entries
-        self.user_blocks = [self._submit(ResidentLikes, e, ingest.n_items, device) for e in sides.users]
-        self.item_blocks = [self._submit(ResidentLikes, e, ingest.n_users, device) for e in sides.items]
+        self.user_blocks = [
+            self._submit(ResidentLikes, e, ingest.n_items, device) for e in sides.user_blocks()
+        ]
+        self.item_blocks = [
+            self._submit(ResidentLikes, e, ingest.n_users, device) for e in sides.item_blocks()
+        ]
         self.counts = [self._submit(like_counts, block) for block in self.item_blocks]
 
     def _submit(self, function: Callable, *args: object) -> Future:

@@ -2,16 +2,27 @@
 
 Dask runs a task where most of its input bytes already are, and a piece's
 entries are its largest input, so a piece is solved on the worker that holds
-it. The pieces of one split block are all cut from that block's entries,
-which sit on one worker: left there, that worker solves the whole crowded
-block while the others idle (at ML-20M's shape one item block holds 79 % of
-the likes). Placing the new pieces by longest-processing-time-first on the
-least loaded worker balances the side.
+it. Left to where its inputs happened to be made, a crowded side can end up
+mostly on one worker, which then solves it while the others idle (at
+ML-20M's shape one item block holds 79 % of the likes). Placing the pieces
+by longest-processing-time-first on the least loaded worker balances it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
+from distributed import Client
+
+
+def eligible_workers(client: Client, resources: dict[str, float] | None) -> list[str]:
+    """Addresses of the workers now connected that have every resource in ``resources``."""
+    needed = resources or {}
+    return [
+        address
+        for address, info in client.scheduler_info(n_workers=-1)["workers"].items()
+        if all(info.get("resources", {}).get(name, 0) >= amount for name, amount in needed.items())
+    ]
 
 
 def least_loaded_placement(loads: Mapping[str, int], sizes: Sequence[int]) -> list[str]:

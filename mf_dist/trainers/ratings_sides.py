@@ -6,12 +6,21 @@ entries with global user indices). Both views are built once at the start of
 training and stay on the workers as futures; only factor blocks travel after
 that.
 
+Each block's rows may be cut into pieces that are solved as separate tasks
+(:func:`plan_pieces`). The plan, and the worker each piece is kept on, come
+from the per-row entry counts ingest wrote beside the id maps, so every task
+of the first epoch is submitted at once: nothing waits for the data to be
+read before the solves are planned, and the item side is cut and merged
+straight into its pieces while the first user solves run.
+
 Work functions here run on the workers; they take and return CPU tensors.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +30,17 @@ import torch
 from distributed import Client, Future
 from torch import Tensor
 
-from mf_dist.blocks import BlockGrid
+from mf_dist.blocks import BlockGrid, row_pieces
+from mf_dist.errors import ConfigError
 from mf_dist.ingest import IngestResult
 from mf_dist.solvers.gradient import RowBlock
+from mf_dist.trainers.piece_placement import eligible_workers, least_loaded_placement
+
+RowRange = tuple[int, int]
+
+# A block with more than this many times its side's mean entries is cut into
+# row pieces of about the mean (see :func:`plan_pieces`).
+SPLIT_FACTOR = 1.25
 
 
 @dataclass
@@ -40,11 +57,16 @@ class SideEntries:
 
 
 def _sorted_entries(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_rows: int) -> SideEntries:
-    order = np.lexsort((cols, rows))
+    # Ingest writes its blocks sorted by (user, item); checking that is a
+    # fraction of the two-key sort, which stays for files written otherwise.
+    rising = np.diff(rows)
+    if not (np.all(rising >= 0) and np.all((rising > 0) | (np.diff(cols) >= 0))):
+        order = np.lexsort((cols, rows))
+        rows, cols, values = rows[order], cols[order], values[order]
     return SideEntries(
-        rows=torch.from_numpy(rows[order].astype(np.int64)),
-        cols=torch.from_numpy(cols[order].astype(np.int64)),
-        values=torch.from_numpy(values[order].astype(np.float32)),
+        rows=torch.from_numpy(rows.astype(np.int64)),
+        cols=torch.from_numpy(cols.astype(np.int64)),
+        values=torch.from_numpy(values.astype(np.float32)),
         n_rows=n_rows,
     )
 
@@ -59,20 +81,33 @@ def read_user_block(path: str, user_start: int, n_rows: int, like_threshold: flo
     )
 
 
-def split_by_item_block(entries: SideEntries, user_start: int, item_grid: BlockGrid) -> list[SideEntries]:
-    """A user block's entries cut by item block, re-indexed item-side (local item, global user)."""
-    pieces = []
-    for _, start, stop in item_grid:
-        inside = (entries.cols >= start) & (entries.cols < stop)
-        pieces.append(
-            SideEntries(
-                rows=entries.cols[inside] - start,
-                cols=entries.rows[inside] + user_start,
-                values=entries.values[inside],
-                n_rows=stop - start,
-            )
+def split_by_item_ranges(entries: SideEntries, user_start: int, bounds: np.ndarray) -> list[SideEntries]:
+    """A user block's entries cut by item range, re-indexed item-side (local item, global user).
+
+    ``bounds`` (P + 1,) are the ranges' global item boundaries, ascending from
+    0 to the number of items; piece p holds items ``[bounds[p], bounds[p + 1])``
+    with row 0 at ``bounds[p]``, its entries in the block's (user, item) order.
+    """
+    cols = entries.cols.numpy()
+    piece = np.searchsorted(bounds, cols, side="right") - 1
+    # A stable sort on small integer keys is a radix sort: linear, and it keeps (user, item) order.
+    key_type = np.int16 if len(bounds) <= np.iinfo(np.int16).max else np.int32
+    order = torch.from_numpy(np.argsort(piece.astype(key_type), kind="stable"))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(piece, minlength=len(bounds) - 1))])
+    items = entries.cols[order]
+    users = entries.rows[order] + user_start
+    values = entries.values[order]
+    # Each piece owns its memory: a pickled view of a tensor carries its whole
+    # storage, so a piece sent to another worker would carry the whole block.
+    return [
+        SideEntries(
+            rows=items[first:last] - int(bounds[p]),
+            cols=users[first:last].clone(),
+            values=values[first:last].clone(),
+            n_rows=int(bounds[p + 1] - bounds[p]),
         )
-    return pieces
+        for p, (first, last) in enumerate(itertools.pairwise(offsets))
+    ]
 
 
 def pick(sequence: list | tuple, index: int) -> object:
@@ -80,7 +115,7 @@ def pick(sequence: list | tuple, index: int) -> object:
 
 
 def merge_pieces(n_rows: int, *pieces: SideEntries) -> SideEntries:
-    """One item block's entries from every user block (in user block order), sorted by (item, user).
+    """One item piece's entries from every user block (in user block order), sorted by (item, user).
 
     Each piece is in ascending user order already (its user block's entries
     are sorted by user), so one stable sort by item gives (item, user) order;
@@ -99,44 +134,88 @@ def merge_pieces(n_rows: int, *pieces: SideEntries) -> SideEntries:
     )
 
 
-def entry_count(entries: SideEntries) -> int:
-    return len(entries.values)
+def row_entry_counts(ingest: IngestResult, *, liked_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Entries per user and per item (int64): the likes, or every rating, that training reads.
 
-
-def balanced_row_ranges(entries: SideEntries, pieces: int) -> list[tuple[int, int]]:
-    """Cut the block's rows into at most ``pieces`` half-open ranges of about equal entry counts.
-
-    Ranges cover ``[0, n_rows)`` in order, each non-empty; a row is never cut,
-    so one row with more entries than a piece's share makes a larger piece.
+    Read from the counts ingest wrote beside the id maps, not from the data.
     """
-    total = len(entries.values)
-    if pieces <= 1 or total == 0 or entries.n_rows <= 1:
-        return [(0, entries.n_rows)]
-    # The piece boundaries are the rows of the entries at multiples of total / pieces.
-    targets = torch.arange(1, pieces, dtype=torch.int64) * total // pieces
-    cuts = sorted({int(row) for row in entries.rows[targets]} - {0})
-    bounds = [0, *[cut for cut in cuts if cut < entries.n_rows], entries.n_rows]
-    return list(itertools.pairwise(bounds))
+    column = "n_likes" if liked_only else "n_ratings"
+    counts = []
+    for path in (ingest.users_path, ingest.items_path):
+        names = pq.read_schema(path).names
+        if column not in names:
+            raise ConfigError(
+                f"{path} has no {column!r} column: it was written by an older mf-dist; "
+                "run the ingest stage again (mf-dist run does when the code has changed)"
+            )
+        counts.append(pq.read_table(path, columns=[column])[column].to_numpy().astype(np.int64))
+    return counts[0], counts[1]
+
+
+def plan_pieces(row_counts: np.ndarray, grid: BlockGrid, *, split: bool) -> list[list[RowRange]]:
+    """Per block of ``grid``: the local row ranges its rows are solved in, in order.
+
+    The work of a block is proportional to its entries, and popular items
+    crowd into few blocks (one item block of ML-20M's shape holds 79 % of
+    the likes), so one task would hold up the whole side while the other
+    workers idle. With ``split``, a block with more than ``SPLIT_FACTOR``
+    times the side's mean entries per block is cut into pieces of about the
+    mean, balanced by ``row_counts`` (entries per row of the side); a row is
+    never cut. Every row is solved independently, so the cut depends on the
+    data only and the result stays the same. Without ``split`` every block
+    is one piece (the gradient solvers keep optimiser state per block).
+    """
+    block_counts = [int(row_counts[start:stop].sum()) for _, start, stop in grid]
+    mean = max(1.0, sum(block_counts) / max(1, len(block_counts)))
+    plan = []
+    for (_, start, stop), count in zip(grid, block_counts, strict=True):
+        pieces = math.ceil(count / mean) if split and count > SPLIT_FACTOR * mean else 1
+        plan.append(row_pieces(row_counts[start:stop], pieces))
+    return plan
 
 
 def slice_rows(entries: SideEntries, start: int, stop: int) -> SideEntries:
-    """The entries of rows ``[start, stop)``, re-indexed so that row ``start`` is 0."""
+    """The entries of rows ``[start, stop)``, re-indexed so that row ``start`` is 0; its own copy.
+
+    Not a view: the block can be freed, and a piece sent to another worker
+    does not carry the block's whole storage with it (as a pickled view would).
+    """
     first, last = np.searchsorted(entries.rows.numpy(), [start, stop])
     return SideEntries(
         rows=entries.rows[first:last] - start,
-        cols=entries.cols[first:last],
-        values=entries.values[first:last],
+        cols=entries.cols[first:last].clone(),
+        values=entries.values[first:last].clone(),
         n_rows=stop - start,
     )
 
 
 @dataclass
 class RatingsSides:
-    """Futures of :class:`SideEntries`: one per user block and one per item block."""
+    """Futures of :class:`SideEntries` for every row piece of every block of both sides.
 
-    users: list[Future]
-    items: list[Future]
+    ``users[b][p]`` holds the rows ``user_ranges[b][p]`` of user block b,
+    re-indexed so that the range's first row is row 0; likewise for items.
+    """
+
+    users: list[list[Future]]
+    items: list[list[Future]]
+    user_ranges: list[list[RowRange]]
+    item_ranges: list[list[RowRange]]
     n_entries: int
+
+    def user_blocks(self) -> list[Future]:
+        """One future per user block; only for sides loaded without ``split``."""
+        return _whole_blocks(self.users)
+
+    def item_blocks(self) -> list[Future]:
+        """One future per item block; only for sides loaded without ``split``."""
+        return _whole_blocks(self.items)
+
+
+def _whole_blocks(pieces: list[list[Future]]) -> list[Future]:
+    if any(len(block) != 1 for block in pieces):
+        raise ValueError("this side was cut into row pieces; take its pieces, not whole blocks")
+    return [block[0] for block in pieces]
 
 
 def load_ratings_sides(
@@ -145,27 +224,77 @@ def load_ratings_sides(
     *,
     liked_only: bool,
     resources: dict[str, float] | None,
+    split: bool = False,
 ) -> RatingsSides:
-    """Build both views of the ingested ratings on the workers (one shuffle, at the start)."""
+    """Build both views of the ingested ratings on the workers, cut as :func:`plan_pieces` plans.
+
+    Submits everything and returns at once. Each side's pieces are placed
+    by entry count on the workers that may run training tasks (largest
+    first on the least loaded, :func:`least_loaded_placement`), so that
+    each worker holds, and later solves, an equal share of either side:
+    Dask runs a task where most of its input bytes already are, and a
+    piece's entries are its largest input. The placement is a preference;
+    another worker may take a piece when its own is gone.
+    """
     threshold = ingest.like_threshold if liked_only else None
+    user_counts, item_counts = row_entry_counts(ingest, liked_only=liked_only)
+    user_ranges = plan_pieces(user_counts, ingest.user_grid, split=split)
+    item_ranges = plan_pieces(item_counts, ingest.item_grid, split=split)
+    submit = _PlacedSubmitter(client, resources)
 
-    def submit(function: object, *args: object) -> Future:
-        return client.submit(function, *args, resources=resources, pure=False)
-
+    user_places = submit.places([int(user_counts[start:stop].sum()) for _, start, stop in ingest.user_grid])
+    blocks = [
+        submit(read_user_block, place, str(ingest.ratings_path(p)), start, stop - start, threshold)
+        for (p, start, stop), place in zip(ingest.user_grid, user_places, strict=True)
+    ]
     users = [
-        submit(read_user_block, str(ingest.ratings_path(p)), start, stop - start, threshold)
-        for p, start, stop in ingest.user_grid
+        [block] if len(ranges) == 1 else [submit(slice_rows, place, block, a, b) for a, b in ranges]
+        for block, ranges, place in zip(blocks, user_ranges, user_places, strict=True)
     ]
-    pieces = [
-        submit(split_by_item_block, block, start, ingest.item_grid)
-        for block, (_, start, _) in zip(users, ingest.user_grid, strict=True)
+
+    item_pieces = [
+        (start + a, start + b)
+        for (_, start, _), ranges in zip(ingest.item_grid, item_ranges, strict=True)
+        for a, b in ranges
     ]
-    items = [
-        submit(merge_pieces, stop - start, *[client.submit(pick, piece, q) for piece in pieces])
-        for q, start, stop in ingest.item_grid
+    bounds = np.array([0, *[stop for _, stop in item_pieces]], dtype=np.int64)
+    splits = [
+        submit(split_by_item_ranges, place, block, start, bounds)
+        for block, (_, start, _), place in zip(blocks, ingest.user_grid, user_places, strict=True)
     ]
-    n_entries = sum(client.gather([client.submit(entry_count, block) for block in users]))
-    return RatingsSides(users=users, items=items, n_entries=n_entries)
+    item_places = submit.places([int(item_counts[a:b].sum()) for a, b in item_pieces])
+    merged = [
+        submit(merge_pieces, place, b - a, *[client.submit(pick, cut, q, pure=False) for cut in splits])
+        for q, ((a, b), place) in enumerate(zip(item_pieces, item_places, strict=True))
+    ]
+    firsts = np.cumsum([0, *[len(ranges) for ranges in item_ranges]])
+    items = [merged[first:last] for first, last in itertools.pairwise(firsts)]
+    return RatingsSides(
+        users=users,
+        items=items,
+        user_ranges=user_ranges,
+        item_ranges=item_ranges,
+        n_entries=ingest.n_likes if liked_only else ingest.n_ratings,
+    )
+
+
+class _PlacedSubmitter:
+    """``client.submit`` with the training resources and a preferred worker (or none)."""
+
+    def __init__(self, client: Client, resources: dict[str, float] | None) -> None:
+        self.client = client
+        self.resources = resources
+        self.workers = eligible_workers(client, resources)
+
+    def places(self, sizes: list[int]) -> list[str | None]:
+        """A preferred worker per size; none while no eligible worker has joined yet."""
+        if not self.workers:
+            return [None] * len(sizes)
+        return list(least_loaded_placement(dict.fromkeys(self.workers, 0), sizes))
+
+    def __call__(self, function: Callable, place: str | None, *args: object) -> Future:
+        where = {"workers": [place], "allow_other_workers": True} if place else {}
+        return self.client.submit(function, *args, resources=self.resources, pure=False, **where)
 
 
 def concatenate_vectors(*blocks: RowBlock) -> Tensor:

@@ -140,7 +140,12 @@ class CheckpointStore:
         for name, (layout, futures) in blocks.items():
             table = layout.model_copy(update={"directory": str(partial / name)})
             tables.append(table)
-            saves += [client.submit(save_row_block, table, b, rows) for b, rows in enumerate(futures)]
+            # Below the next epoch's updates, which become ready at the same
+            # moment: the saves fill the gaps instead of delaying a half-step.
+            saves += [
+                client.submit(save_row_block, table, b, rows, priority=-1)
+                for b, rows in enumerate(futures)
+            ]
         self._pending = PendingCheckpoint(client, epoch, list(history), tables, saves, partial)
 
     def complete(self) -> None:

@@ -36,12 +36,14 @@ from mf_dist.bench.data import (
 )
 from mf_dist.bench.measure import SideContext, Timed, stopwatch
 from mf_dist.bench.scales import LIKE_THRESHOLD, Scale
+from mf_dist.blocks import BlockGrid
 from mf_dist.cluster import open_client
 from mf_dist.config import MODEL_DEFAULTS, TrainSettings
 from mf_dist.cooccur import cooccurrence_blocks, load_cooccurrence_result
 from mf_dist.evaluation import holdout_metrics, ranking_block_metrics
-from mf_dist.factor_files import EpochRecord, FactorTable, TrainResult, write_factor_block
+from mf_dist.factor_files import EpochRecord, FactorTable, TrainResult, block_seed, write_factor_block
 from mf_dist.ingest import IngestResult, load_ingest_result
+from mf_dist.models import nmf as nmf_objective
 from mf_dist.models.cooccurrence import initial_scale
 from mf_dist.solvers import weighted_cg, weighted_cholesky
 from mf_dist.train import MODELS, train_factors
@@ -543,8 +545,39 @@ def prepare_nmf(cache_dir: Path, scale: Scale, workers: int, variant: Variant) -
     return source, prepared_work_dir(cache_dir, scale, source, holdout=0.0, workers=workers)
 
 
+def _nmf_settings(context: SideContext) -> TrainSettings:
+    return _settings(context, "nmf", "mu", rank=64, epochs=iterations_for(context.scale, 20, tiny=5))
+
+
+def shared_nmf_start(
+    x: sp.csr_matrix, grid: BlockGrid, settings: TrainSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """The W and H our ``nmf`` trainer starts from (float32, items × k), for the reference to start from too.
+
+    Both use scikit-learn's ``init="random"`` rule, scale · |N(0, 1)| with
+    scale = sqrt(mean(X) / k), but draw different numbers; after 20
+    multiplicative updates two draws ended 0.9–1.1 % apart in the loss. From
+    the same start the two sides run the same iteration, so their losses
+    compare the updates, not the luck of the draw.
+    """
+    mean = float(x.sum(dtype=np.float64)) / max(1, x.shape[0] * x.shape[1])
+    scale = nmf_objective.initial_scale(mean, settings.rank)
+
+    def side(index: int) -> np.ndarray:
+        return np.concatenate(
+            [
+                nmf_objective.initial_factor(
+                    stop - start, settings.rank, scale, block_seed(settings.seed, 0, index, block)
+                ).numpy()
+                for block, start, stop in grid
+            ]
+        )
+
+    return side(0), side(1)
+
+
 def nmf_ours(context: SideContext) -> Timed:
-    settings = _settings(context, "nmf", "mu", rank=64, epochs=iterations_for(context.scale, 20, tiny=5))
+    settings = _nmf_settings(context)
     trained, seconds, _ = train_ours(context, settings, with_cooccurrence=True, evaluate=False)
     ingest = _ingest(context)
     route = _x_products_route(context, settings)
@@ -567,11 +600,13 @@ def nmf_reference(context: SideContext) -> Timed:
     _limit_reference_threads()
     from sklearn.decomposition import NMF
 
-    x = _cooccurrence_matrix(_ingest(context))
-    iterations = iterations_for(context.scale, 20, tiny=5)
-    model = NMF(n_components=64, solver="mu", init="random", max_iter=iterations, tol=0.0, random_state=0)
+    ingest = _ingest(context)
+    x = _cooccurrence_matrix(ingest)
+    settings = _nmf_settings(context)
+    start_w, start_h = shared_nmf_start(x, ingest.item_grid, settings)
+    model = NMF(n_components=settings.rank, solver="mu", init="custom", max_iter=settings.epochs, tol=0.0)
     with stopwatch() as elapsed:
-        w = model.fit_transform(x)
+        w = model.fit_transform(x, W=start_w, H=np.ascontiguousarray(start_h.T))
     return Timed(
         implementation=f"scikit-learn {_version('scikit-learn')} NMF(solver='mu'), sparse X",
         seconds=elapsed[0],

@@ -1,8 +1,7 @@
 """Software prefetch of table rows for compiled loops that gather them in random order.
 
-The row loops of :mod:`mf_dist.solvers.weighted_cg` and
-:mod:`mf_dist.solvers.weighted_cholesky` read, entry by entry, the other
-side's row that each entry points at: random rows of a table of tens of MB,
+The CG row loop (:mod:`mf_dist.solvers.row_cg_loop`) reads, entry by entry,
+the other side's row that each entry points at: random rows of a table of tens of MB,
 one cache miss each that the hardware prefetcher cannot foresee. Asking for
 the rows of the entries a few places ahead (LLVM's ``llvm.prefetch``) lets
 those misses overlap the arithmetic on the current ones. At ML-20M's shape,
@@ -11,58 +10,58 @@ loop with this and its four-entry passes, a block of users from 18 to 9 ms.
 
 A prefetch is a hint: it never faults and changes no result.
 
-Numba's disk cache of a loop that calls :func:`row_prefetcher`'s function
-is keyed by the loop's own source file only; a change here needs those files
-touched (or ``__pycache__`` cleared) to take effect in development.
+Numba's disk cache of a loop that calls :func:`prefetch_rows` is keyed by
+the loop's own source file only; a change here needs those files touched
+(or ``__pycache__`` cleared) to take effect in development. Like the other
+compiled loops, these are module-level functions: numba keys the disk cache
+of a closure by its pickled cell contents, and a compiled function pickles
+differently in every process, so a loop defined inside a function was
+compiled again by every worker (3–7 s each).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import cache
+import numba
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 # A cache line on every x86-64 and ARM server CPU we target.
 CACHE_LINE_BYTES = 64
 
 
-@cache
-def row_prefetcher() -> Callable[..., None]:
-    """A compiled ``prefetch_rows(table, indices, start, stop)``: hint rows ``table[indices[start:stop]]``.
+@intrinsic
+def prefetch_line(typingctx, address):  # noqa: ANN001, ANN201
+    """``llvm.prefetch`` of the byte at ``address`` (an integer), for reading, into every cache level."""
 
-    ``table`` is a C-contiguous 2-D array; ``indices`` index its rows; indices
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        byte_pointer = ir.IntType(8).as_pointer()
+        word = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word]),
+            "llvm.prefetch.p0",
+        )
+        # (address, read, keep in all cache levels, data cache)
+        hint = [ir.Constant(word, 0), ir.Constant(word, 3), ir.Constant(word, 1)]
+        builder.call(function, [builder.inttoptr(args[0], byte_pointer), *hint])
+        return context.get_dummy_value()
+
+    return types.void(types.intp), codegen
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def prefetch_rows(table, indices, start, stop):  # noqa: ANN001, ANN201
+    """Hint rows ``table[indices[start:stop]]`` into the cache (call from compiled loops).
+
+    ``table`` is a C-contiguous 2-D array; ``indices`` index its rows; positions
     past the end of ``indices`` are skipped, so callers may ask beyond the
-    entries they have. Call it from other compiled loops (nogil).
+    entries they have.
     """
-    import numba
-    from llvmlite import ir
-    from numba.core import cgutils, types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def prefetch_line(typingctx, address):  # noqa: ANN001, ANN202
-        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            byte_pointer = ir.IntType(8).as_pointer()
-            word = ir.IntType(32)
-            function = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word]),
-                "llvm.prefetch.p0",
-            )
-            # (address, read, keep in all cache levels, data cache)
-            hint = [ir.Constant(word, 0), ir.Constant(word, 3), ir.Constant(word, 1)]
-            builder.call(function, [builder.inttoptr(args[0], byte_pointer), *hint])
-            return context.get_dummy_value()
-
-        return types.void(types.intp), codegen
-
-    @numba.njit(nogil=True, cache=True, boundscheck=False)
-    def prefetch_rows(table, indices, start, stop):  # noqa: ANN001, ANN202
-        origin = table.ctypes.data
-        row_bytes = table.strides[0]
-        lines = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
-        for position in range(start, min(stop, len(indices))):
-            row = origin + indices[position] * row_bytes
-            for line in range(lines):
-                prefetch_line(row + CACHE_LINE_BYTES * line)
-
-    return prefetch_rows
+    origin = table.ctypes.data
+    row_bytes = table.strides[0]
+    lines = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
+    for position in range(start, min(stop, len(indices))):
+        row = origin + indices[position] * row_bytes
+        for line in range(lines):
+            prefetch_line(row + CACHE_LINE_BYTES * line)

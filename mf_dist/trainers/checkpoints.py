@@ -143,8 +143,7 @@ class CheckpointStore:
             # Below the next epoch's updates, which become ready at the same
             # moment: the saves fill the gaps instead of delaying a half-step.
             saves += [
-                client.submit(save_row_block, table, b, rows, priority=-1)
-                for b, rows in enumerate(futures)
+                client.submit(save_row_block, table, b, rows, priority=-1) for b, rows in enumerate(futures)
             ]
         self._pending = PendingCheckpoint(client, epoch, list(history), tables, saves, partial)
 

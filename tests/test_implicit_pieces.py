@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mf_dist.blocks import BlockGrid, row_pieces
-from mf_dist.ingest import ingest_ratings
+from mf_dist.errors import ConfigError
+from mf_dist.ingest import ingest_ratings, liked_mask
 from mf_dist.models import implicit
 from mf_dist.solvers.gradient import RowBlock
 from mf_dist.trainers.implicit import other_side
@@ -117,6 +118,31 @@ def test_item_pieces_are_sorted_by_item_then_user():
         torch.testing.assert_close(merged.rows, (entries.cols[inside] - start)[order], rtol=0, atol=0)
         torch.testing.assert_close(merged.cols, entries.rows[inside][order], rtol=0, atol=0)
         torch.testing.assert_close(merged.values, entries.values[inside][order], rtol=0, atol=0)
+
+
+def test_a_plan_needs_a_count_for_every_row():
+    with pytest.raises(ValueError, match="69 row counts for a grid of 70 rows"):
+        plan_pieces(np.ones(69, dtype=np.int64), BlockGrid(n_rows=70, block_size=16), split=True)
+
+
+def test_likes_are_read_by_the_rule_ingest_counted_them_by(tmp_path):
+    """A float32 rating equal to a threshold that float32 cannot hold exactly is a like, as in ingest."""
+    path = tmp_path / "block.parquet"
+    ratings = pa.array([3.3, 3.2, 4.0], pa.float32())
+    pq.write_table(pa.table({"user": [0, 0, 1], "item": [1, 2, 1], "rating": ratings}), path)
+    entries = read_user_block(str(path), 0, 2, like_threshold=3.3)
+    assert entries.values.tolist() == pytest.approx([3.3, 4.0])
+    assert int(liked_mask(ratings.to_numpy(), 3.3).sum()) == len(entries.values)
+
+
+def test_work_directories_without_like_counts_get_an_actionable_error(client, tmp_path, tiny_input):
+    ingest = ingest_ratings(client, str(tiny_input), tmp_path / "work", block_size=32, like_threshold=3.5)
+    pq.write_table(pq.read_table(ingest.users_path).drop_columns(["n_likes"]), ingest.users_path)
+    with pytest.raises(
+        ConfigError, match=r"users\.parquet has no 'n_likes' column.*run the ingest stage again"
+    ):
+        row_entry_counts(ingest, liked_only=True)
+    assert len(row_entry_counts(ingest, liked_only=False)[0]) == ingest.n_users
 
 
 def test_unsorted_blocks_are_sorted_when_read(tmp_path):

@@ -37,6 +37,24 @@ def block(n_rows: int, n_cols: int, rank: int, seed: int, dtype: torch.dtype = t
     }
 
 
+def block_with_counts(counts: list[int], n_cols: int, rank: int, seed: int) -> dict:
+    """A random CSR block whose rows hold exactly ``counts`` entries (distinct columns, sorted)."""
+    generator = torch.Generator().manual_seed(seed)
+    cols = torch.cat([torch.randperm(n_cols, generator=generator)[:count].sort().values for count in counts])
+    crow = torch.tensor([0, *np.cumsum(counts)], dtype=torch.int64)
+    confidence = 1 + 4 * torch.rand(len(cols), generator=generator, dtype=torch.float64)
+    y = torch.randn(n_cols, rank, generator=generator, dtype=torch.float64)
+    return {
+        "crow": crow,
+        "cols": cols,
+        "gram_weights": confidence - 1,
+        "rhs_weights": confidence,
+        "start": torch.randn(len(counts), rank, generator=generator, dtype=torch.float64),
+        "col_vectors": y,
+        "base": y.T @ y + torch.eye(rank, dtype=torch.float64),
+    }
+
+
 def dense_cg(case: dict, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Textbook CG on each row's dense A_r and b_r (float64), and the scores at the solution."""
     crow, cols = case["crow"].numpy(), case["cols"].numpy()
@@ -126,3 +144,18 @@ def test_cpu_tensors_take_the_fused_loop():
     fused, _ = weighted_cg.fused_rows(**case, steps=2)
     assert torch.equal(chosen, fused)
     assert not torch.equal(chosen, case["start"])
+
+
+@pytest.mark.parametrize("rank", [5, 6, 7])
+def test_fused_rows_of_every_length_against_textbook_cg(rank):
+    """Rows of 1–3 entries (no group of four), lengths around the groups and past the prefetch
+    distance, ranks that are not multiples of four: each row's loop tail and remainders.
+
+    Ranks above the 3 steps, so that no row's CG ends early (the textbook loop has no stop).
+    """
+    counts = [1, 2, 3, 0, 4, 5, 6, 7, 8, 15, 16, 17, 19, 20, 21, 23, 37, 3]
+    case = block_with_counts(counts, n_cols=40, rank=rank, seed=rank)
+    solution, scores = run(weighted_cg.fused_rows, case, 3, "cpu")
+    expected, expected_scores = dense_cg(case, 3)
+    np.testing.assert_allclose(solution, expected, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-9, atol=1e-11)

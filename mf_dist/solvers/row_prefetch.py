@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numba
 from llvmlite import ir
-from numba.core import cgutils, types
+from numba.core import types
 from numba.extending import intrinsic
 
 # A cache line on every x86-64 and ARM server CPU we target.
@@ -37,10 +37,10 @@ def prefetch_line(typingctx, address):  # noqa: ANN001, ANN201
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         byte_pointer = ir.IntType(8).as_pointer()
         word = ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word]),
-            "llvm.prefetch.p0",
+        # declare_intrinsic mangles the name for the pointer type (p0i8), which
+        # LLVM versions with opaque pointers also accept.
+        function = builder.module.declare_intrinsic(
+            "llvm.prefetch", [byte_pointer], ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word])
         )
         # (address, read, keep in all cache levels, data cache)
         hint = [ir.Constant(word, 0), ir.Constant(word, 3), ir.Constant(word, 1)]
@@ -59,9 +59,10 @@ def prefetch_rows(table, indices, start, stop):  # noqa: ANN001, ANN201
     entries they have.
     """
     origin = table.ctypes.data
-    row_bytes = table.strides[0]
-    lines = (row_bytes + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
+    stride = table.strides[0]
+    width = table.shape[1] * table.itemsize
     for position in range(start, min(stop, len(indices))):
-        row = origin + indices[position] * row_bytes
-        for line in range(lines):
-            prefetch_line(row + CACHE_LINE_BYTES * line)
+        row = origin + indices[position] * stride
+        # Every line the row touches, from the line it starts in.
+        for line in range(row - row % CACHE_LINE_BYTES, row + width, CACHE_LINE_BYTES):
+            prefetch_line(line)

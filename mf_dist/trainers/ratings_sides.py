@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from distributed import Client, Future
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from mf_dist.blocks import BlockGrid, row_pieces
 from mf_dist.errors import ConfigError
-from mf_dist.ingest import IngestResult
+from mf_dist.ingest import IngestResult, liked_mask
 from mf_dist.solvers.gradient import RowBlock
 from mf_dist.trainers.piece_placement import eligible_workers, least_loaded_placement
 
@@ -74,11 +73,12 @@ def _sorted_entries(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_ro
 def read_user_block(path: str, user_start: int, n_rows: int, like_threshold: float | None) -> SideEntries:
     """A user block's entries (all of them, or only the liked ones when ``like_threshold`` is set)."""
     table = pq.read_table(path)
+    users, items, ratings = (table[name].to_numpy() for name in ("user", "item", "rating"))
     if like_threshold is not None:
-        table = table.filter(pc.greater_equal(table["rating"], like_threshold))
-    return _sorted_entries(
-        table["user"].to_numpy() - user_start, table["item"].to_numpy(), table["rating"].to_numpy(), n_rows
-    )
+        # The rule ingest counted the likes by, so the plan's counts are these entries'.
+        liked = liked_mask(ratings, like_threshold)
+        users, items, ratings = users[liked], items[liked], ratings[liked]
+    return _sorted_entries(users - user_start, items, ratings, n_rows)
 
 
 def split_by_item_ranges(entries: SideEntries, user_start: int, bounds: np.ndarray) -> list[SideEntries]:
@@ -165,6 +165,8 @@ def plan_pieces(row_counts: np.ndarray, grid: BlockGrid, *, split: bool) -> list
     data only and the result stays the same. Without ``split`` every block
     is one piece (the gradient solvers keep optimiser state per block).
     """
+    if len(row_counts) != grid.n_rows:
+        raise ValueError(f"{len(row_counts)} row counts for a grid of {grid.n_rows} rows")
     block_counts = [int(row_counts[start:stop].sum()) for _, start, stop in grid]
     mean = max(1.0, sum(block_counts) / max(1, len(block_counts)))
     plan = []
@@ -234,7 +236,8 @@ def load_ratings_sides(
     each worker holds, and later solves, an equal share of either side:
     Dask runs a task where most of its input bytes already are, and a
     piece's entries are its largest input. The placement is a preference;
-    another worker may take a piece when its own is gone.
+    another worker may take a piece when its own is gone. Under
+    ``resources`` nothing is placed (see :class:`_PlacedSubmitter`).
     """
     threshold = ingest.like_threshold if liked_only else None
     user_counts, item_counts = row_entry_counts(ingest, liked_only=liked_only)
@@ -242,14 +245,24 @@ def load_ratings_sides(
     item_ranges = plan_pieces(item_counts, ingest.item_grid, split=split)
     submit = _PlacedSubmitter(client, resources)
 
-    user_places = submit.places([int(user_counts[start:stop].sum()) for _, start, stop in ingest.user_grid])
+    user_pieces = [
+        [(start + a, start + b) for a, b in ranges]
+        for (_, start, _), ranges in zip(ingest.user_grid, user_ranges, strict=True)
+    ]
+    flat_places = iter(
+        submit.places([int(user_counts[a:b].sum()) for pieces in user_pieces for a, b in pieces])
+    )
+    user_places = [[next(flat_places) for _ in pieces] for pieces in user_pieces]
+    # A block is read where its first piece goes; the other pieces are cut there and sent on.
     blocks = [
-        submit(read_user_block, place, str(ingest.ratings_path(p)), start, stop - start, threshold)
-        for (p, start, stop), place in zip(ingest.user_grid, user_places, strict=True)
+        submit(read_user_block, places[0], str(ingest.ratings_path(p)), start, stop - start, threshold)
+        for (p, start, stop), places in zip(ingest.user_grid, user_places, strict=True)
     ]
     users = [
-        [block] if len(ranges) == 1 else [submit(slice_rows, place, block, a, b) for a, b in ranges]
-        for block, ranges, place in zip(blocks, user_ranges, user_places, strict=True)
+        [block]
+        if len(ranges) == 1
+        else [submit(slice_rows, place, block, a, b) for (a, b), place in zip(ranges, places, strict=True)]
+        for block, ranges, places in zip(blocks, user_ranges, user_places, strict=True)
     ]
 
     item_pieces = [
@@ -259,8 +272,8 @@ def load_ratings_sides(
     ]
     bounds = np.array([0, *[stop for _, stop in item_pieces]], dtype=np.int64)
     splits = [
-        submit(split_by_item_ranges, place, block, start, bounds)
-        for block, (_, start, _), place in zip(blocks, ingest.user_grid, user_places, strict=True)
+        submit(split_by_item_ranges, places[0], block, start, bounds)
+        for block, (_, start, _), places in zip(blocks, ingest.user_grid, user_places, strict=True)
     ]
     item_places = submit.places([int(item_counts[a:b].sum()) for a, b in item_pieces])
     merged = [
@@ -284,10 +297,13 @@ class _PlacedSubmitter:
     def __init__(self, client: Client, resources: dict[str, float] | None) -> None:
         self.client = client
         self.resources = resources
-        self.workers = eligible_workers(client, resources)
+        # Not under resource restrictions: when a preferred worker has left,
+        # Dask's fallback for a loose preference ignores them, and a task
+        # could wait forever on a worker without the resource.
+        self.workers = eligible_workers(client, resources) if not resources else []
 
     def places(self, sizes: list[int]) -> list[str | None]:
-        """A preferred worker per size; none while no eligible worker has joined yet."""
+        """A preferred worker per size; none while no worker has joined yet, or under resources."""
         if not self.workers:
             return [None] * len(sizes)
         return list(least_loaded_placement(dict.fromkeys(self.workers, 0), sizes))

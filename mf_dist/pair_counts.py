@@ -20,8 +20,8 @@ sorted column indices in each row (the upper-triangle loop searches them).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
+from types import ModuleType
 
 import numpy as np
 import scipy.sparse as sp
@@ -35,7 +35,7 @@ def row_work(left: sp.csr_matrix, right: sp.csr_matrix, *, upper: bool) -> np.nd
     """
     work = np.zeros(left.shape[0], dtype=np.int64)
     cursors = _cursors(right, upper)
-    _kernels()["row_work"](left.indptr, left.indices, right.indptr, right.indices, upper, cursors, work)
+    _kernels().row_work_kernel(left.indptr, left.indices, right.indptr, right.indices, upper, cursors, work)
     return work
 
 
@@ -49,7 +49,7 @@ def dense_rows(
     """
     out = np.zeros((stop - start, right.shape[1]), dtype=np.int32)
     cursors = _cursors(right, upper)
-    _kernels()["dense_rows"](
+    _kernels().dense_rows_kernel(
         left.indptr, left.indices, right.indptr, right.indices, start, stop, upper, cursors, out
     )
     return out
@@ -62,7 +62,7 @@ def _cursors(right: sp.csr_matrix, upper: bool) -> np.ndarray:
 
 def mirror_upper(tile: np.ndarray) -> np.ndarray:
     """Copy the strict upper triangle of a square tile onto its lower one, in place; returns ``tile``."""
-    _kernels()["mirror_upper"](tile)
+    _kernels().mirror_upper_kernel(tile)
     return tile
 
 
@@ -73,7 +73,7 @@ def off_diagonal_summary(tile: np.ndarray, *, diagonal: bool) -> tuple[int, int]
     of counts up to 740,000 users); a tile that could pass that is summed
     row by row (each row's int64 sum is exact) into a Python integer.
     """
-    nonzeros, squares, largest = _kernels()["summary"](tile, diagonal)
+    nonzeros, squares, largest = _kernels().summary_kernel(tile, diagonal)
     if int(largest) ** 2 * tile.size >= 2**63:
         rows = tile.astype(np.int64)
         if diagonal:
@@ -92,7 +92,7 @@ def off_diagonal_entries(
     The diagonal is left out when ``diagonal``: the stage stores it apart.
     """
     rows, cols, counts = (np.empty(nonzeros, dtype=np.int32) for _ in range(3))
-    _kernels()["entries"](tile, diagonal, rows, cols, counts)
+    _kernels().entries_kernel(tile, diagonal, rows, cols, counts)
     return rows, cols, counts
 
 
@@ -106,14 +106,8 @@ def warm_up() -> None:
 
 
 @cache
-def _kernels() -> dict[str, Callable[..., None]]:
+def _kernels() -> ModuleType:
     """The compiled loops (:mod:`mf_dist.pair_count_loops`), imported on first use."""
     from mf_dist import pair_count_loops
 
-    return {
-        "row_work": pair_count_loops.row_work_kernel,
-        "dense_rows": pair_count_loops.dense_rows_kernel,
-        "mirror_upper": pair_count_loops.mirror_upper_kernel,
-        "summary": pair_count_loops.summary_kernel,
-        "entries": pair_count_loops.entries_kernel,
-    }
+    return pair_count_loops

@@ -12,18 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from distributed import Client
-
-
-def eligible_workers(client: Client, resources: dict[str, float] | None) -> list[str]:
-    """Addresses of the workers now connected that have every resource in ``resources``."""
-    needed = resources or {}
-    return [
-        address
-        for address, info in client.scheduler_info(n_workers=-1)["workers"].items()
-        if all(info.get("resources", {}).get(name, 0) >= amount for name, amount in needed.items())
-    ]
-
 
 def least_loaded_placement(loads: Mapping[str, int], sizes: Sequence[int]) -> list[str]:
     """A worker for every size, largest first, each on the worker with the least load so far.

@@ -33,7 +33,7 @@ from mf_dist.blocks import BlockGrid, row_pieces
 from mf_dist.errors import ConfigError
 from mf_dist.ingest import IngestResult, liked_mask
 from mf_dist.solvers.gradient import RowBlock
-from mf_dist.trainers.piece_placement import eligible_workers, least_loaded_placement
+from mf_dist.trainers.piece_placement import least_loaded_placement
 
 RowRange = tuple[int, int]
 
@@ -249,10 +249,9 @@ def load_ratings_sides(
         [(start + a, start + b) for a, b in ranges]
         for (_, start, _), ranges in zip(ingest.user_grid, user_ranges, strict=True)
     ]
-    flat_places = iter(
-        submit.places([int(user_counts[a:b].sum()) for pieces in user_pieces for a, b in pieces])
+    user_places = _grouped_like(
+        submit.places([int(user_counts[a:b].sum()) for pieces in user_pieces for a, b in pieces]), user_ranges
     )
-    user_places = [[next(flat_places) for _ in pieces] for pieces in user_pieces]
     # A block is read where its first piece goes; the other pieces are cut there and sent on.
     blocks = [
         submit(read_user_block, places[0], str(ingest.ratings_path(p)), start, stop - start, threshold)
@@ -280,15 +279,19 @@ def load_ratings_sides(
         submit(merge_pieces, place, b - a, *[client.submit(pick, cut, q, pure=False) for cut in splits])
         for q, ((a, b), place) in enumerate(zip(item_pieces, item_places, strict=True))
     ]
-    firsts = np.cumsum([0, *[len(ranges) for ranges in item_ranges]])
-    items = [merged[first:last] for first, last in itertools.pairwise(firsts)]
     return RatingsSides(
         users=users,
-        items=items,
+        items=_grouped_like(merged, item_ranges),
         user_ranges=user_ranges,
         item_ranges=item_ranges,
         n_entries=ingest.n_likes if liked_only else ingest.n_ratings,
     )
+
+
+def _grouped_like(flat: list, groups: list[list]) -> list[list]:
+    """``flat`` cut into consecutive lists as long as those of ``groups`` (one per block)."""
+    firsts = np.cumsum([0, *[len(group) for group in groups]])
+    return [flat[first:last] for first, last in itertools.pairwise(firsts)]
 
 
 class _PlacedSubmitter:
@@ -300,7 +303,7 @@ class _PlacedSubmitter:
         # Not under resource restrictions: when a preferred worker has left,
         # Dask's fallback for a loose preference ignores them, and a task
         # could wait forever on a worker without the resource.
-        self.workers = eligible_workers(client, resources) if not resources else []
+        self.workers = [] if resources else list(client.scheduler_info(n_workers=-1)["workers"])
 
     def places(self, sizes: list[int]) -> list[str | None]:
         """A preferred worker per size; none while no worker has joined yet, or under resources."""

@@ -6,6 +6,6 @@ For Python users of the published tables::
     items = read_embeddings("out/items")   # ids, vectors (n × rank float32), bias, manifest
 """
 
-from mf_dist.reader import Embeddings, read_embeddings
+from mf_dist.storage.reader import Embeddings, read_embeddings
 
 __all__ = ["Embeddings", "read_embeddings"]

@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.table import Table
 
 from mf_dist.bench import command as bench_command
-from mf_dist.cluster_settings import ClusterKind
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
 from mf_dist.config import (
@@ -34,12 +33,13 @@ from mf_dist.config import (
     load_config,
 )
 from mf_dist.errors import MfDistError
-from mf_dist.input_files import check_schemas, list_input_files
-from mf_dist.output_lock import exclusive_run
-from mf_dist.progress import pipeline_progress
+from mf_dist.runtime.cluster_settings import ClusterKind
+from mf_dist.storage.input_files import check_schemas, list_input_files
+from mf_dist.storage.output_lock import exclusive_run
+from mf_dist.terminal.progress import pipeline_progress
 
 if TYPE_CHECKING:
-    from flows.pipeline import PipelineSummary
+    from mf_dist.flows.pipeline import PipelineSummary
 
 # The temporary Prefect server would try to send telemetry on every start.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -83,7 +83,7 @@ def _run(config: RunConfig) -> PipelineSummary:
     )
     with exclusive_run(config.output, config.resolved_work_dir, purpose="checking the output"):
         pass
-    from flows.pipeline import factorization_pipeline
+    from mf_dist.flows.pipeline import factorization_pipeline
 
     return factorization_pipeline(config)
 
@@ -195,7 +195,7 @@ def demo(
     quiet: QuietOption = False,
 ) -> None:
     """Generate a realistic ratings set and run the whole pipeline on it."""
-    from mf_dist.synthetic import synthetic_ratings, write_partitions
+    from mf_dist.bench.synthetic import synthetic_ratings, write_partitions
 
     input_dir = output / f"input-{ratings}-seed{seed}"
     if not input_dir.exists():
@@ -231,7 +231,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write a synthetic ratings set (heavy-tailed, low-rank) as Parquet partitions."""
-    from mf_dist.synthetic import synthetic_ratings, write_partitions
+    from mf_dist.bench.synthetic import synthetic_ratings, write_partitions
 
     frame = synthetic_ratings(ratings, n_users=users, n_items=items, seed=seed)
     write_partitions(frame, output, files)
@@ -255,7 +255,7 @@ def serve(
 
     Needs a Prefect server (PREFECT_API_URL); runs until interrupted.
     """
-    from flows.serve import serve_deployments
+    from mf_dist.flows.serve import serve_deployments
 
     serve_deployments(prefect_file, name, os.environ)
 
@@ -296,7 +296,7 @@ def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
             f"top {neighbors.k} by {neighbors.metric}, {neighbors.rows:,} rows → {neighbors.path}",
         )
     if summary.export.tables:
-        from mf_dist.export import LOSS_CURVE_FILE
+        from mf_dist.stages.export import LOSS_CURVE_FILE
 
         overview.add_row("loss curve", str(Path(summary.export.tables[0].path) / LOSS_CURVE_FILE))
     console.print(overview)

@@ -15,101 +15,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mf_dist.cluster_settings import ClusterSettings
 from mf_dist.errors import ConfigError
-
-ModelName = Literal["cooccurrence", "explicit", "implicit", "nmf"]
-SolverName = Literal["auto", "als", "gradient", "mu"]
-OptimizerName = Literal["adam", "adagrad"]
-AlsMethod = Literal["cg", "cholesky"]
-CooccurrenceLoss = Literal["squared", "weighted"]
-NmfTarget = Literal["cooccurrence", "ratings"]
-XProducts = Literal["auto", "tiles", "likes"]
-DuplicatePolicy = Literal["auto", "last", "sum", "mean", "error"]
-DeviceName = Literal["auto", "cpu", "cuda"]
-
-# Per-model defaults for the settings whose good value depends on the objective
-# (and, for the learning rate, on the solver: only gradient solvers use one).
-# Explicit: chosen on MovieLens 100K (80/20 split, docs/benchmarks.md), where
-# rank 64 with weighted-λ 0.12 reaches test RMSE ≈ 0.909 with either solver.
-MODEL_DEFAULTS: dict[str, dict[str, float | int | str]] = {
-    "cooccurrence": {
-        "epochs": 60,
-        "learning_rate": 0.1,
-        "rank": 32,
-        "regularization": 0.0,
-        "optimizer": "adam",
-    },
-    "explicit": {
-        "epochs": 20,
-        "learning_rate": 0.1,
-        "rank": 64,
-        "regularization": 0.12,
-        "optimizer": "adagrad",
-        "als_method": "cholesky",
-    },
-    "implicit": {
-        "epochs": 15,
-        "learning_rate": 0.01,
-        "rank": 32,
-        "regularization": 0.1,
-        "optimizer": "adam",
-        "als_method": "cg",
-    },
-    # NMF's projected gradient steps learning_rate / λ_max(Gram): 1 is the
-    # classic 1/L step (never raises the loss); multiplicative updates need none.
-    # Neither solver regularises or uses an optimiser; the entries keep every
-    # model's defaults complete.
-    "nmf": {"epochs": 200, "learning_rate": 1.0, "rank": 32, "regularization": 0.0, "optimizer": "adam"},
-}
-
-# The solvers each model offers; the first is the default (``solver = "auto"``).
-MODEL_SOLVERS: dict[str, tuple[str, ...]] = {
-    "explicit": ("als", "gradient"),
-    "implicit": ("als", "gradient"),
-    "cooccurrence": ("gradient", "als"),
-    "nmf": ("mu", "gradient"),
-}
-
-
-class TrainSettings(BaseModel):
-    """The part of a run's configuration the train stage reads, with defaults resolved.
-
-    ``tolerance`` stops training early once the loss improves by less than
-    this fraction over an epoch (0 disables early stopping).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: ModelName
-    solver: Literal["als", "gradient", "mu"]
-    rank: int = Field(ge=1, le=1024)
-    epochs: int = Field(ge=1)
-    learning_rate: float = Field(gt=0)
-    regularization: float = Field(ge=0)
-    batch_size: int = Field(ge=1)
-    optimizer: OptimizerName = "adam"
-    alpha: float = Field(10.0, gt=0)
-    als_method: Literal["cg", "cholesky"] = "cg"
-    cg_steps: int = Field(3, ge=1)
-    loss: Literal["squared", "weighted"] = "squared"
-    weight_x_max: float = Field(100.0, gt=0)
-    weight_power: float = Field(0.75, gt=0)
-    log_target: bool = False
-    target: Literal["cooccurrence", "ratings"] = "cooccurrence"
-    x_products: XProducts = "auto"
-    tolerance: float = Field(0.0, ge=0)
-    seed: int = Field(0, ge=0)
-    device: DeviceName = "auto"
-    resume: bool = False
-    init_from: str | None = None
+from mf_dist.registry import ModelDefaults, model_spec
+from mf_dist.runtime.cluster_settings import ClusterSettings
+from mf_dist.settings import (
+    AlsMethod,
+    CooccurrenceLoss,
+    DeviceName,
+    DuplicatePolicy,
+    ModelName,
+    NmfTarget,
+    OptimizerName,
+    SolverName,
+    TrainSettings,
+    XProducts,
+)
 
 
 class RunConfig(BaseModel):
     """Everything a pipeline run needs; defaults work for a first run.
 
     Paths are local paths or globs. ``epochs`` and ``learning_rate`` default
-    per model (see ``MODEL_DEFAULTS``) when left unset.
+    per model (see :mod:`mf_dist.registry`) when left unset.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -119,7 +46,9 @@ class RunConfig(BaseModel):
     work_dir: str | None = Field(None, description="Intermediate data (default: <output>/_work).")
 
     model: ModelName = "cooccurrence"
-    solver: SolverName = Field("auto", description="'auto' picks the model's default (see MODEL_SOLVERS).")
+    solver: SolverName = Field(
+        "auto", description="'auto' picks the model's default (its first solver in mf_dist.registry)."
+    )
     rank: int | None = Field(None, ge=1, le=1024, description="Embedding dimension k (default per model).")
     epochs: int | None = Field(None, ge=1, le=100_000)
     learning_rate: float | None = Field(None, gt=0, le=10)
@@ -246,19 +175,20 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _solver_fits_model(self) -> RunConfig:
-        if self.solver != "auto" and self.solver not in MODEL_SOLVERS[self.model]:
-            choices = ", ".join(MODEL_SOLVERS[self.model])
+        solvers = model_spec(self.model).solvers
+        if self.solver != "auto" and self.solver not in solvers:
+            choices = ", ".join(solvers)
             raise ValueError(f"the {self.model} model has no solver {self.solver!r}; choose one of {choices}")
         return self
 
     @property
     def needs_cooccurrence(self) -> bool:
         """Whether the model fits X = SᵀS (so the co-occurrence stage must run)."""
-        return self.model == "cooccurrence" or (self.model == "nmf" and self.target == "cooccurrence")
+        return model_spec(self.model).needs_cooccurrence(self.target)
 
     @property
     def resolved_solver(self) -> str:
-        return MODEL_SOLVERS[self.model][0] if self.solver == "auto" else self.solver
+        return model_spec(self.model).default_solver if self.solver == "auto" else self.solver
 
     @property
     def train_settings(self) -> TrainSettings:
@@ -271,9 +201,9 @@ class RunConfig(BaseModel):
             learning_rate=self.resolved_learning_rate,
             regularization=self.resolved_regularization,
             batch_size=self.batch_size,
-            optimizer=self.optimizer or str(MODEL_DEFAULTS[self.model]["optimizer"]),
+            optimizer=self.optimizer or self.defaults.optimizer,
             alpha=self.alpha,
-            als_method=self.als_method or str(MODEL_DEFAULTS[self.model].get("als_method", "cg")),
+            als_method=self.als_method or self.defaults.als_method,
             cg_steps=self.cg_steps,
             loss=self.loss,
             weight_x_max=self.weight_x_max,
@@ -289,22 +219,27 @@ class RunConfig(BaseModel):
         )
 
     @property
+    def defaults(self) -> ModelDefaults:
+        """The model's defaults for the settings left unset."""
+        return model_spec(self.model).defaults
+
+    @property
     def resolved_epochs(self) -> int:
-        return int(self.epochs or MODEL_DEFAULTS[self.model]["epochs"])
+        return self.epochs or self.defaults.epochs
 
     @property
     def resolved_rank(self) -> int:
-        return int(self.rank or MODEL_DEFAULTS[self.model]["rank"])
+        return self.rank or self.defaults.rank
 
     @property
     def resolved_regularization(self) -> float:
         if self.regularization is not None:
             return self.regularization
-        return float(MODEL_DEFAULTS[self.model]["regularization"])
+        return self.defaults.regularization
 
     @property
     def resolved_learning_rate(self) -> float:
-        return float(self.learning_rate or MODEL_DEFAULTS[self.model]["learning_rate"])
+        return self.learning_rate or self.defaults.learning_rate
 
     @property
     def resolved_work_dir(self) -> Path:

@@ -6,32 +6,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import dask
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
-from mf_dist.cluster import SCHEDULER_HTTP_ADDRESS, worker_environ
-from mf_dist.synthetic import synthetic_ratings, write_partitions
+from mf_dist.bench.synthetic import synthetic_ratings
+from tests.support.clusters import start_client
+from tests.support.data import MOVIELENS_100K, write_input
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-MOVIELENS_100K = REPO.parent / "shared" / "data" / "ml-100k.tsv"
-
-
-def start_client(workers: int) -> tuple[LocalCluster, Client]:
-    """A local cluster as :func:`mf_dist.cluster.open_client` starts one, kept open for the session."""
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP_ADDRESS},
-        )
-    return cluster, Client(cluster)
 
 
 @pytest.fixture(scope="session")
@@ -68,11 +51,6 @@ def prefect_server() -> Iterator[None]:
 def tiny_ratings() -> pd.DataFrame:
     """About 3,000 ratings: 60 users × 300 items, heavy-tailed, no duplicates."""
     return synthetic_ratings(3000, n_users=60, n_items=300, seed=7)
-
-
-def write_input(frame: pd.DataFrame, directory: Path, n_files: int = 3) -> Path:
-    write_partitions(frame, directory, n_files)
-    return directory
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 @pytest.mark.parametrize("command", [["check", "--output-format", "concise"], ["format", "--check"]])

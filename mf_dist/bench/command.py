@@ -12,8 +12,8 @@ from rich.console import Console
 from mf_dist.bench.measure import SideContext, SideFailedError, run_side_process
 from mf_dist.bench.results import BenchReport, SuiteResult, print_report
 from mf_dist.bench.scales import SCALES, SUITE_NAMES, ScaleName
-from mf_dist.config import DeviceName
 from mf_dist.errors import ConfigError
+from mf_dist.settings import DeviceName
 
 if TYPE_CHECKING:
     from mf_dist.bench.suites import Suite, Variant
@@ -107,7 +107,7 @@ def bench(
     # The suites import torch, Dask and scipy: seconds that every other
     # command, and `mf-dist --help`, should not pay.
     from mf_dist.bench.suites import SUITES
-    from mf_dist.cluster import compute_device
+    from mf_dist.runtime.cluster import compute_device
 
     if device == "cuda":
         # Raises a ConfigError naming the process when no GPU is visible.

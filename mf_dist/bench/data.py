@@ -1,6 +1,6 @@
 """Benchmark data: an ML-20M-shaped synthetic ratings set at three scales, and its prepared forms.
 
-Every scale comes from :func:`mf_dist.synthetic.synthetic_ratings` (heavy-tailed
+Every scale comes from :func:`mf_dist.bench.synthetic.synthetic_ratings` (heavy-tailed
 item popularity p ∝ 1/(rank + 10)^0.9, at least 20 ratings per user, ratings
 0.5–5 in halves from a low-rank model plus noise, no duplicate pairs) with a
 fixed seed and :data:`~mf_dist.bench.scales.RATING_INTERCEPT`, so every run of a suite sees
@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from mf_dist.bench.scales import DATA_SEED, LIKE_THRESHOLD, RATING_INTERCEPT, Scale
-from mf_dist.cluster import open_client
-from mf_dist.ingest import ingest_ratings
-from mf_dist.synthetic import synthetic_ratings, write_partitions
+from mf_dist.bench.synthetic import synthetic_ratings, write_partitions
+from mf_dist.runtime.cluster import open_client
+from mf_dist.stages.ingest import ingest_ratings
 
 
 def ratings_dir(cache_dir: Path, scale: Scale) -> Path:
@@ -130,7 +130,7 @@ def prepared_work_dir(
 
     ``holdout`` > 0 keeps that share out by the pipeline's own hashed split;
     the reference side reads the same training and held-out blocks. Returns
-    the work directory (its ingest summary: :func:`~mf_dist.ingest.load_ingest_result`).
+    the work directory (its ingest summary: :func:`~mf_dist.stages.ingest.load_ingest_result`).
     """
     work_dir = cache_dir / scale.name / f"work-{input_dir.name}-holdout{holdout:g}"
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -4,7 +4,7 @@ Each side runs as ``python -m mf_dist.bench.side``: a fresh interpreter whose
 resident memory starts from nothing, so the peak a side reports is its own
 and not the other side's leftovers (CPython rarely returns freed memory to the
 OS, so measuring both sides in one process would charge the second side with
-the first one's peak). Inside, :class:`~mf_dist.memory_monitor.PeakMemoryMonitor`
+the first one's peak). Inside, :class:`~mf_dist.runtime.memory_monitor.PeakMemoryMonitor`
 samples that process and all its children: the local Dask workers of ours,
 the JVM of Spark.
 """
@@ -65,7 +65,7 @@ def stopwatch() -> Iterator[list[float]]:
 
 def run_side_here(body: Callable[[SideContext], Timed], context: SideContext) -> SideResult:
     """Run ``body`` in this process under a peak-memory monitor of this process tree."""
-    from mf_dist.memory_monitor import PeakMemoryMonitor
+    from mf_dist.runtime.memory_monitor import PeakMemoryMonitor
 
     with PeakMemoryMonitor(interval=0.1) as memory:
         timed = body(context)

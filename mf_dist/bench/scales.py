@@ -23,7 +23,7 @@ ScaleName = Literal["tiny", "small", "ml20m"]
 LIKE_THRESHOLD = 4.0
 DATA_SEED = 20
 RATING_INTERCEPT = 3.86
-"""μ of :func:`mf_dist.synthetic.synthetic_ratings` for every scale: at ML-20M's shape it makes
+"""μ of :func:`mf_dist.bench.synthetic.synthetic_ratings` for every scale: at ML-20M's shape it makes
 35.5 % of ratings likes (≥ 4), about 7.1 M of 20 M as in the issue's reference set (3.6, the
 generator's default, gives 24.7 %)."""
 

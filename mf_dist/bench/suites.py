@@ -1,7 +1,7 @@
 """The benchmark suites: our stage functions against a reference, on the same prepared data.
 
 Every ``ours`` side starts a real local Dask cluster of worker processes
-(:func:`mf_dist.cluster.open_client`) and times only the stage it is about;
+(:func:`mf_dist.runtime.cluster.open_client`) and times only the stage it is about;
 every ``reference`` side reads the same ingested blocks (the same likes, the
 same hashed train/held-out split) and times only the reference's fit or
 product. Quality figures are computed the same way for both sides.
@@ -27,7 +27,6 @@ import scipy.sparse as sp
 import torch
 from distributed import Client
 
-from mf_dist import pair_counts
 from mf_dist.bench.data import (
     many_items_dir,
     most_liked_items_dir,
@@ -37,16 +36,19 @@ from mf_dist.bench.data import (
 from mf_dist.bench.measure import SideContext, Timed, stopwatch
 from mf_dist.bench.scales import LIKE_THRESHOLD, Scale
 from mf_dist.blocks import BlockGrid
-from mf_dist.cluster import open_client
-from mf_dist.config import MODEL_DEFAULTS, TrainSettings
-from mf_dist.cooccur import cooccurrence_blocks, load_cooccurrence_result
-from mf_dist.evaluation import holdout_metrics, ranking_block_metrics
-from mf_dist.factor_files import EpochRecord, FactorTable, TrainResult, block_seed, write_factor_block
-from mf_dist.ingest import IngestResult, load_ingest_result
+from mf_dist.counting import pair_counts
 from mf_dist.models import nmf as nmf_objective
 from mf_dist.models.cooccurrence import initial_scale
+from mf_dist.registry import MODELS, model_spec
+from mf_dist.runtime.cluster import open_client
+from mf_dist.settings import TrainSettings
 from mf_dist.solvers import weighted_cg, weighted_cholesky
-from mf_dist.train import MODELS, train_factors
+from mf_dist.stages.cooccur import cooccurrence_blocks
+from mf_dist.stages.evaluation import holdout_metrics, ranking_block_metrics
+from mf_dist.stages.train import train_factors
+from mf_dist.storage.factor_files import EpochRecord, FactorTable, TrainResult, block_seed, write_factor_block
+from mf_dist.storage.ingested import IngestResult, load_ingest_result
+from mf_dist.storage.tiles import load_cooccurrence_result
 from mf_dist.trainers.liked_products import choose_x_products
 
 HOLDOUT_SHARE = 0.2
@@ -108,15 +110,15 @@ def liked_matrix(ingest: IngestResult, *, held_out: bool = False) -> sp.csr_matr
 
 
 def _settings(context: SideContext, model: str, solver: str, **overrides: object) -> TrainSettings:
-    defaults = MODEL_DEFAULTS[model]
+    defaults = model_spec(model).defaults
     values: dict[str, object] = {
         "model": model,
         "solver": solver,
-        "rank": defaults["rank"],
-        "epochs": defaults["epochs"],
-        "learning_rate": defaults["learning_rate"],
-        "regularization": defaults["regularization"],
-        "optimizer": defaults["optimizer"],
+        "rank": defaults.rank,
+        "epochs": defaults.epochs,
+        "learning_rate": defaults.learning_rate,
+        "regularization": defaults.regularization,
+        "optimizer": defaults.optimizer,
         "batch_size": 1024,
         "tolerance": 0.0,
         "seed": 0,
@@ -157,7 +159,7 @@ def ranking_recall(ingest: IngestResult, users: np.ndarray, items: np.ndarray, d
     """Held-out recall@10 of reference factors, by the pipeline's own per-block metric function.
 
     The factors are written as factor tables with the ingest's grids, so the
-    metric is :func:`mf_dist.evaluation.ranking_block_metrics`, exactly what
+    metric is :func:`mf_dist.stages.evaluation.ranking_block_metrics`, exactly what
     the pipeline computes for our model.
     """
     shutil.rmtree(directory, ignore_errors=True)
@@ -212,7 +214,12 @@ def warm_workers(client: Client) -> None:
     compiled or loaded from numba's cache, as ``implicit``'s loop was compiled
     when it was installed.
     """
-    for module in ("mf_dist.cooccur", "mf_dist.train", "mf_dist.evaluation", "torch._dynamo"):
+    for module in (
+        "mf_dist.stages.cooccur",
+        "mf_dist.stages.train",
+        "mf_dist.stages.evaluation",
+        "torch._dynamo",
+    ):
         client.run(importlib.import_module, module)
     client.run(weighted_cg.warm_up)
     client.run(pair_counts.warm_up)
@@ -436,7 +443,7 @@ EXPLICIT_REGULARIZATION = 0.12
 
 
 def explicit_ours(context: SideContext) -> Timed:
-    method = str(context.variant.get("als_method", MODEL_DEFAULTS["explicit"]["als_method"]))
+    method = str(context.variant.get("als_method", model_spec("explicit").defaults.als_method))
     settings = _settings(
         context,
         "explicit",
@@ -617,8 +624,8 @@ def nmf_reference(context: SideContext) -> Timed:
 
 
 def nmf_ours_unavailable() -> str | None:
-    if ("nmf", "mu") not in MODELS:
-        return "our nmf/mu trainer is not registered in mf_dist.train.MODELS in this version"
+    if "nmf" not in MODELS or "mu" not in MODELS["nmf"].solvers:
+        return "our nmf/mu trainer is not registered in mf_dist.registry in this version"
     return None
 
 
@@ -627,7 +634,7 @@ def nmf_ours_unavailable() -> str | None:
 
 EMBEDDING_ITEMS = 9_724
 EMBEDDING_RANK = 300
-EMBEDDING_LEARNING_RATE = float(MODEL_DEFAULTS["cooccurrence"]["learning_rate"])
+EMBEDDING_LEARNING_RATE = model_spec("cooccurrence").defaults.learning_rate
 
 EMBEDDING_LARGE: Variant = {"items": 100_000, "rank": 128}
 """The issue's large case, M = 100,000 items at D = 128, on :data:`~mf_dist.bench.data.MANY_ITEMS`
@@ -785,7 +792,7 @@ def end_to_end_ours(context: SideContext) -> Timed:
         )
     if completed.returncode != 0:
         raise RuntimeError(f"mf-dist run failed:\n{completed.stderr[-2000:]}")
-    from mf_dist.reader import read_embeddings
+    from mf_dist.storage.reader import read_embeddings
 
     manifest = read_embeddings(output, "items").manifest
     return Timed(

@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from mf_dist.errors import NotFoundError, OutputError
-from mf_dist.reader import LATEST_FILE, MANIFEST_FILE, read_manifest, resolve_run_dir
-from mf_dist.terminal_chart import text_chart
+from mf_dist.storage.reader import LATEST_FILE, MANIFEST_FILE, read_manifest, resolve_run_dir
+from mf_dist.terminal.text_chart import text_chart
 
 console = Console()
 

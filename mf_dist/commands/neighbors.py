@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from rich.console import Console
 
-from mf_dist.progress import count_progress
+from mf_dist.terminal.progress import count_progress
 
 console = Console()
 
@@ -39,14 +39,14 @@ def neighbors(
 ) -> None:
     """For every item, its k most similar items (by cosine or dot product), as a published table."""
     # Imported here: torch and Dask take seconds to import, and `mf-dist --help` should not wait.
-    from mf_dist.cluster import open_client
-    from mf_dist.neighbors import item_neighbors
-    from mf_dist.output_lock import exclusive_directory
-    from mf_dist.reader import resolve_run_dir
+    from mf_dist.runtime.cluster import open_client
+    from mf_dist.stages.neighbors import item_neighbors
+    from mf_dist.storage.output_lock import exclusive_directory
+    from mf_dist.storage.reader import resolve_run_dir
 
     started = time.perf_counter()
     # A pipeline run starting on this output would otherwise take our
-    # half-written table for debris of a killed run (see mf_dist.output_lock).
+    # half-written table for debris of a killed run (see mf_dist.storage.output_lock).
     target = output if output is not None else resolve_run_dir(path, "items").parents[2]
     with (
         exclusive_directory(target, purpose="mf-dist neighbors"),

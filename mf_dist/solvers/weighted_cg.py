@@ -76,7 +76,7 @@ def batched_rows(
     col_vectors = col_vectors.contiguous()
     pattern = normal_equations.with_values(crow, cols, torch.ones_like(gram_weights), n_rows, n_cols)
     # Buffers reused by every matvec: large temporaries allocated and freed on
-    # every step cost page faults on Dask workers (see mf_dist.cluster).
+    # every step cost page faults on Dask workers (see mf_dist.runtime.cluster).
     sampled = pattern.clone()
     weighted_values = torch.empty_like(gram_weights)
     weighted = normal_equations.with_values(crow, cols, weighted_values, n_rows, n_cols)

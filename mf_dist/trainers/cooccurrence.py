@@ -26,12 +26,12 @@ import scipy.sparse as sp
 import torch
 from distributed import Client, Future
 
-from mf_dist.cluster import compute_device
-from mf_dist.config import TrainSettings
-from mf_dist.cooccur import CooccurrenceResult, TileInfo, load_tile
-from mf_dist.factor_files import FactorTable, block_seed
 from mf_dist.models import cooccurrence as objective
+from mf_dist.runtime.cluster import compute_device
+from mf_dist.settings import TrainSettings
 from mf_dist.solvers.gradient import OptimizerState, RowBlock, optimizer_step
+from mf_dist.storage.factor_files import FactorTable, block_seed
+from mf_dist.storage.tiles import CooccurrenceResult, TileInfo, load_tile
 from mf_dist.trainers.epoch_loop import Measurement
 from mf_dist.trainers.liked_products import LikedGramProducts
 

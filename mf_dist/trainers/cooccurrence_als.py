@@ -30,12 +30,12 @@ from collections.abc import Callable
 import torch
 from distributed import Client, Future
 
-from mf_dist.cluster import compute_device
-from mf_dist.config import TrainSettings
-from mf_dist.cooccur import CooccurrenceResult
 from mf_dist.errors import ConfigError
-from mf_dist.factor_files import FactorTable, block_seed
 from mf_dist.models import cooccurrence as objective
+from mf_dist.runtime.cluster import compute_device
+from mf_dist.settings import TrainSettings
+from mf_dist.storage.factor_files import FactorTable, block_seed
+from mf_dist.storage.tiles import CooccurrenceResult
 from mf_dist.trainers.cooccurrence import (
     ResidentTile,
     as_row_block,

@@ -25,12 +25,12 @@ import scipy.sparse as sp
 import torch
 from distributed import Client, Future
 
-from mf_dist.cluster import compute_device
-from mf_dist.config import TrainSettings
-from mf_dist.cooccur import CooccurrenceResult, TileInfo, load_tile
-from mf_dist.factor_files import FactorTable, block_seed
 from mf_dist.models import cooccurrence_weighted as objective
+from mf_dist.runtime.cluster import compute_device
+from mf_dist.settings import TrainSettings
 from mf_dist.solvers.gradient import OptimizerState, optimizer_step
+from mf_dist.storage.factor_files import FactorTable, block_seed
+from mf_dist.storage.tiles import CooccurrenceResult, TileInfo, load_tile
 from mf_dist.trainers.cooccurrence import (
     as_row_block,
     block_state,

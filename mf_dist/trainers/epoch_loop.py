@@ -20,8 +20,8 @@ from typing import Protocol
 from distributed import Future
 
 from mf_dist.errors import TrainingError
-from mf_dist.factor_files import EpochRecord, FactorTable
-from mf_dist.trainers.checkpoints import Checkpoint, CheckpointStore
+from mf_dist.storage.checkpoints import Checkpoint, CheckpointStore
+from mf_dist.storage.factor_files import EpochRecord, FactorTable
 
 logger = logging.getLogger(__name__)
 

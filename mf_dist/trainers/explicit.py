@@ -23,12 +23,12 @@ import torch
 from distributed import Client, Future
 
 from mf_dist.blocks import BlockGrid, dsgd_strata
-from mf_dist.cluster import compute_device
-from mf_dist.config import TrainSettings
-from mf_dist.factor_files import FactorTable, block_seed
-from mf_dist.ingest import IngestResult
 from mf_dist.models import explicit as objective
+from mf_dist.runtime.cluster import compute_device
+from mf_dist.settings import TrainSettings
 from mf_dist.solvers.gradient import RowBlock, sparse_adam_pass
+from mf_dist.storage.factor_files import FactorTable, block_seed
+from mf_dist.storage.ingested import IngestResult
 from mf_dist.trainers.epoch_loop import Measurement
 
 logger = logging.getLogger(__name__)

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from distributed import Client, Future
 
-from mf_dist.cluster import compute_device
-from mf_dist.config import TrainSettings
-from mf_dist.factor_files import FactorTable, block_seed
-from mf_dist.ingest import IngestResult
 from mf_dist.models import implicit as objective
+from mf_dist.runtime.cluster import compute_device
+from mf_dist.settings import TrainSettings
 from mf_dist.solvers.gradient import RowBlock, optimizer_step
+from mf_dist.storage.factor_files import FactorTable, block_seed
+from mf_dist.storage.ingested import IngestResult
 from mf_dist.trainers.epoch_loop import Measurement
 from mf_dist.trainers.ratings_sides import (
     RowRange,

@@ -28,11 +28,11 @@ import torch
 from distributed import Client, Future
 from torch import Tensor
 
-from mf_dist.cluster import compute_device
-from mf_dist.config import TrainSettings, XProducts
-from mf_dist.cooccur import CooccurrenceResult
-from mf_dist.ingest import IngestResult
+from mf_dist.runtime.cluster import compute_device
+from mf_dist.settings import TrainSettings, XProducts
 from mf_dist.solvers.normal_equations import csr_matrix
+from mf_dist.storage.ingested import IngestResult
+from mf_dist.storage.tiles import CooccurrenceResult
 from mf_dist.trainers.ratings_sides import SideEntries, load_ratings_sides
 
 logger = logging.getLogger(__name__)

@@ -40,13 +40,13 @@ import torch
 from distributed import Client, Future
 
 from mf_dist.blocks import BlockGrid
-from mf_dist.cluster import compute_device
-from mf_dist.config import TrainSettings
-from mf_dist.cooccur import CooccurrenceResult, load_cooccurrence_result
-from mf_dist.factor_files import FactorTable, block_seed
-from mf_dist.ingest import IngestResult
 from mf_dist.models import nmf as objective
+from mf_dist.runtime.cluster import compute_device
+from mf_dist.settings import TrainSettings
 from mf_dist.solvers.gradient import RowBlock
+from mf_dist.storage.factor_files import FactorTable, block_seed
+from mf_dist.storage.ingested import IngestResult
+from mf_dist.storage.tiles import CooccurrenceResult, load_cooccurrence_result
 from mf_dist.trainers.cooccurrence import (
     ResidentTile,
     as_row_block,

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from mf_dist.blocks import BlockGrid, row_pieces
 from mf_dist.errors import ConfigError
-from mf_dist.ingest import IngestResult, liked_mask
 from mf_dist.solvers.gradient import RowBlock
+from mf_dist.storage.ingested import IngestResult, liked_mask
 from mf_dist.trainers.piece_placement import least_loaded_placement
 
 RowRange = tuple[int, int]

@@ -19,10 +19,10 @@ import signal
 import sys
 from typing import Any
 
-import mf_dist.export
+import mf_dist.stages.export
 from mf_dist.cli import main
 
-# The function of mf_dist.export whose call marks each point.
+# The function of mf_dist.stages.export whose call marks each point.
 POINTS = {"parts-written": "write_loss_curve_png", "before-latest": "publish_run"}
 
 
@@ -32,6 +32,6 @@ def die(*args: Any, **kwargs: Any) -> None:
 
 if __name__ == "__main__":
     point, *arguments = sys.argv[1:]
-    setattr(mf_dist.export, POINTS[point], die)
+    setattr(mf_dist.stages.export, POINTS[point], die)
     sys.argv = ["mf-dist", *arguments]
     main()

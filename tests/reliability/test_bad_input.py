@@ -24,11 +24,10 @@ import pytest
 import typer
 
 from mf_dist import read_embeddings
+from mf_dist.bench.synthetic import synthetic_ratings
 from mf_dist.errors import ConfigError, InputError, OutputError, TrainingError
-from mf_dist.synthetic import synthetic_ratings
-
-from ..conftest import write_input
-from .conftest import cli, run_flags, table_files
+from tests.support.data import write_input
+from tests.support.runs import cli, run_flags, table_files
 
 # 4 users × 4 items, 8 ratings, no duplicates: valid until a case spoils it.
 GOOD = {
@@ -265,7 +264,7 @@ CASES = {
     ),
     # Duplicate (user, item) pairs: refused by the 'error' policy, and by every
     # policy that cannot decide without a timestamp ('sum' and 'mean' resolve
-    # them; tests/test_ingest.py checks their values).
+    # them; tests/stages/test_ingest.py checks their values).
     "duplicate pair, --duplicates error": Case(
         InputError,
         r"ratings\.parquet, column 'item_id', row 8: duplicate \(user, item\) pair \(1, 10\): "

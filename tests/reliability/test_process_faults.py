@@ -22,14 +22,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from flows.pipeline import factorization_pipeline
 from mf_dist import read_embeddings
 from mf_dist.config import load_config
 from mf_dist.errors import OutputError
-from mf_dist.output_lock import LOCK_FILE
-from tests.conftest import REPO
-
-from .conftest import cli, latest_runs, mf_dist_process, run_flags, table_files
+from mf_dist.flows.pipeline import factorization_pipeline
+from mf_dist.storage.output_lock import LOCK_FILE
+from tests.support.paths import REPO
+from tests.support.runs import cli, latest_runs, mf_dist_process, run_flags, table_files
 
 
 def wait_for(
@@ -160,7 +159,7 @@ def test_a_run_killed_mid_training_resumes_from_its_last_checkpoint(
 
 HOLD_LOCK = """
 import sys, time
-from mf_dist.output_lock import exclusive_run
+from mf_dist.storage.output_lock import exclusive_run
 with exclusive_run(sys.argv[1], sys.argv[2], purpose="a test holding it"):
     print("locked", flush=True)
     time.sleep(600)

@@ -13,13 +13,12 @@ import psutil
 import pytest
 from prefect._internal.result_records import ResultRecord
 
-import mf_dist.cluster
-from flows.stage_cache import STAGES_DIR
-from mf_dist.cluster import open_client
-from mf_dist.cluster_settings import SlurmSettings
-from tests.conftest import REPO
-
-from .conftest import cli, run_flags
+import mf_dist.runtime.cluster
+from mf_dist.flows.stage_cache import STAGES_DIR
+from mf_dist.runtime.cluster import open_client
+from mf_dist.runtime.cluster_settings import SlurmSettings
+from tests.support.paths import REPO
+from tests.support.runs import cli, run_flags
 
 SOURCES = sorted([*(REPO / "mf_dist").rglob("*.py"), *(REPO / "flows").rglob("*.py")])
 UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
@@ -249,7 +248,7 @@ def test_servers_listen_on_loopback_only(prefect_api, monkeypatch, kind):
     worker specs with a stand-in device id.
     """
     if kind == "one worker per GPU":
-        monkeypatch.setattr(mf_dist.cluster, "visible_gpu_ids", lambda: ["0"])
+        monkeypatch.setattr(mf_dist.runtime.cluster, "visible_gpu_ids", lambda: ["0"])
     with open_client(workers=2) as client:
         sockets = listening_sockets()
         scheduler_http = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.http_server.port)

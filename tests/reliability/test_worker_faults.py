@@ -18,11 +18,12 @@ import psutil
 import pytest
 from distributed import Client
 
-from flows.pipeline import PipelineSummary, factorization_pipeline
 from mf_dist import read_embeddings
 from mf_dist.config import load_config
+from mf_dist.flows.pipeline import PipelineSummary, factorization_pipeline
+from tests.support.clusters import start_client
+from tests.support.data import write_input
 
-from ..conftest import start_client, write_input
 from .faults import PLUGIN_NAME, KillWorkerOnTask, killed_worker
 
 # 300 items in blocks of 32: 55 co-occurrence tiles and 10 row blocks per epoch.

@@ -1,1 +1,0 @@
-"""Prefect flows of mf-dist: the application layer."""

@@ -1,0 +1,193 @@
+"""Every model mf-dist trains, registered once.
+
+A :class:`ModelSpec` holds all that the rest of the pipeline needs to know
+about a model: its solvers (the first is the default) and the factory that
+builds each solver's trainer, its default settings, the tables it publishes
+and the id map each follows, whether it needs X = SᵀS, whether it needs a
+rating column and publishes biases with a global mean, and how its held-out
+quality is measured. The run configuration, the train stage, the evaluation
+stage, the command line and the tests read these specs; nothing else names a
+model to branch on it.
+
+Adding a model is one objective module (``mf_dist/models/``), one trainer
+module (``mf_dist/trainers/``) and one :func:`register` call at the end of
+this file; docs/architecture.md walks through an example.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from mf_dist.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+    from mf_dist.storage.ingested import IngestResult
+    from mf_dist.trainers.epoch_loop import ShardedModel
+
+    TrainerFactory = Callable[
+        [Client, Path, IngestResult, TrainSettings, dict[str, float] | None, dict[str, list[Future]] | None],
+        ShardedModel,
+    ]
+
+HoldoutMetric = Literal["rating_errors", "ranking"]
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Which ingest id map a published table's rows follow.
+
+    ``path_attribute`` names the :class:`IngestResult` property holding the map,
+    ``id_column`` the id column published with the table, ``side`` the seed
+    stream of fresh rows (0 users, 1 items, 2 contexts).
+    """
+
+    path_attribute: Literal["users_path", "items_path"]
+    id_column: str
+    side: int
+
+
+# A published table's name tells which id map its rows follow, whatever the model.
+TABLE_ID_MAPS: dict[str, IdMap] = {
+    "users": IdMap("users_path", "user_id", 0),
+    "items": IdMap("items_path", "item_id", 1),
+    # NMF of X = SᵀS: H's rows are items too.
+    "contexts": IdMap("items_path", "item_id", 2),
+}
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The settings whose good value depends on the objective (used when a run leaves them unset)."""
+
+    epochs: int
+    learning_rate: float
+    rank: int
+    regularization: float
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    als_method: Literal["cg", "cholesky"] = "cg"
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One solver of a model and where its trainer is built.
+
+    ``trainer`` is ``"module:function"``, imported on first use so that the
+    command line starts without torch and Dask (it reads the registry for its
+    choices and defaults).
+    """
+
+    name: str
+    trainer: str
+
+    def factory(self) -> TrainerFactory:
+        """The trainer factory: (client, work dir, ingest, settings, resources, initial blocks) → trainer."""
+        module, _, attribute = self.trainer.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model: its solvers (first = default), defaults, tables and evaluation."""
+
+    name: str
+    summary: str
+    solvers: dict[str, SolverSpec]
+    defaults: ModelDefaults
+    tables: frozenset[str]
+    needs_cooccurrence: Callable[[str], bool] = field(default=lambda target: False)
+    """Given ``settings.target``: whether the model fits X = SᵀS (the co-occurrence stage must run)."""
+    needs_ratings: bool = False
+    """Whether the input must have a rating column (the model fits rating values)."""
+    has_global_mean: bool = False
+    """Whether the published tables carry biases and a global mean (predicted ratings)."""
+    holdout_metric: HoldoutMetric = "ranking"
+
+    @property
+    def default_solver(self) -> str:
+        return next(iter(self.solvers))
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry (its name must be new)."""
+    if spec.name in MODELS:
+        raise ValueError(f"a model named {spec.name!r} is already registered")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registered model ``name`` (KeyError names the registered ones)."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"no model {name!r}; registered: {', '.join(MODELS)}") from None
+
+
+def _solvers(**builders: str) -> dict[str, SolverSpec]:
+    return {
+        name: SolverSpec(name, f"mf_dist.trainers.builders:{builder}") for name, builder in builders.items()
+    }
+
+
+register(
+    ModelSpec(
+        name="cooccurrence",
+        summary="Item vectors whose dot products fit the co-occurrence counts X = SᵀS.",
+        solvers=_solvers(gradient="cooccurrence_gradient", als="cooccurrence_als"),
+        defaults=ModelDefaults(epochs=60, learning_rate=0.1, rank=32, regularization=0.0),
+        tables=frozenset({"items"}),
+        needs_cooccurrence=lambda target: True,
+    )
+)
+# Explicit: chosen on MovieLens 100K (80/20 split, docs/benchmarks.md), where
+# rank 64 with weighted-λ 0.12 reaches test RMSE ≈ 0.909 with either solver.
+register(
+    ModelSpec(
+        name="explicit",
+        summary="User and item vectors with biases that predict the rating values.",
+        solvers=_solvers(als="explicit_als", gradient="explicit_gradient"),
+        defaults=ModelDefaults(
+            epochs=20,
+            learning_rate=0.1,
+            rank=64,
+            regularization=0.12,
+            optimizer="adagrad",
+            als_method="cholesky",
+        ),
+        tables=frozenset({"users", "items"}),
+        needs_ratings=True,
+        has_global_mean=True,
+        holdout_metric="rating_errors",
+    )
+)
+register(
+    ModelSpec(
+        name="implicit",
+        summary="User and item vectors for implicit feedback, confidence-weighted (Hu, Koren, Volinsky).",
+        solvers=_solvers(als="implicit", gradient="implicit"),
+        defaults=ModelDefaults(epochs=15, learning_rate=0.01, rank=32, regularization=0.1, als_method="cg"),
+        tables=frozenset({"users", "items"}),
+    )
+)
+# NMF's projected gradient steps learning_rate / λ_max(Gram): 1 is the classic
+# 1/L step (never raises the loss); multiplicative updates need none. Neither
+# solver regularises or uses an optimiser.
+register(
+    ModelSpec(
+        name="nmf",
+        summary="Non-negative factors of X = SᵀS (items, contexts) or of S itself (users, items).",
+        solvers=_solvers(mu="nmf", gradient="nmf"),
+        defaults=ModelDefaults(epochs=200, learning_rate=1.0, rank=32, regularization=0.0),
+        tables=frozenset({"items", "contexts", "users"}),
+        needs_cooccurrence=lambda target: target == "cooccurrence",
+    )
+)

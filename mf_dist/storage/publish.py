@@ -1,0 +1,53 @@
+"""Publishing a run: a complete run directory moved into place, then ``LATEST`` replaced.
+
+A run is written under ``runs/.<run_id>.partial/``, renamed to
+``runs/<run_id>/`` when complete, and only then is ``LATEST`` replaced by one
+``os.replace``; a reader following ``LATEST`` never sees a partial table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+from pathlib import Path
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random suffix."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def move_into_place(partial: Path, final: Path) -> None:
+    """Rename a completely written run directory to its final name, durably."""
+    os.rename(partial, final)
+    fsync_path(final.parent)
+
+
+def publish_run(table_dir: Path, run_id: str) -> None:
+    """Point ``LATEST`` at ``run_id`` with one atomic rename (after an fsync)."""
+    temporary = table_dir / f".LATEST.{run_id}.tmp"
+    with open(temporary, "w") as handle:
+        handle.write(run_id + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, table_dir / "LATEST")
+    # The rename is durable only once the directory entry is on disk.
+    fsync_path(table_dir)
+
+
+def current_run_path(table_dir: str | Path) -> Path:
+    """The directory of the run ``<table_dir>/LATEST`` names."""
+    table_dir = Path(table_dir)
+    run_id = (table_dir / "LATEST").read_text().strip()
+    return table_dir / "runs" / run_id

@@ -1,0 +1,172 @@
+"""Reading published tables back: the Python side of the contract in docs/tables.md.
+
+A table is found from any of three paths::
+
+    out/                    an output directory: the table is out/<table>/ (``items`` unless told)
+    out/items/              a table directory: follows LATEST to the current run
+    out/items/runs/<run>/   one run directory, read as is
+
+Every read checks the manifest's ``format_version`` first, so a table written
+under another contract fails with a message that says what to do instead of
+with wrong numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mf_dist.errors import OutputError
+from mf_dist.storage.schema import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST_FILE = "_manifest.json"
+LATEST_FILE = "LATEST"
+
+
+def resolve_run_dir(path: str | Path, table: str = "items") -> Path:
+    """The run directory ``path`` designates (see the module docstring for the three forms).
+
+    Raises :class:`OutputError` when ``path`` is none of them, or when LATEST
+    names a run that is not there.
+    """
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    if (path / LATEST_FILE).is_file():
+        table_dir = path
+    elif (path / table / LATEST_FILE).is_file():
+        table_dir = path / table
+    elif not path.exists():
+        raise OutputError(f"{path}: no such directory")
+    else:
+        raise OutputError(
+            f"{path}: not an mf-dist table; give an output directory (with {table}/LATEST), "
+            f"a table directory such as out/{table} (with LATEST) or a run directory (with {MANIFEST_FILE})"
+        )
+    run_id = (table_dir / LATEST_FILE).read_text().strip()
+    run_dir = table_dir / "runs" / run_id
+    if not (run_dir / MANIFEST_FILE).is_file():
+        raise OutputError(
+            f"{table_dir / LATEST_FILE} names run {run_id!r}, but {run_dir} has no {MANIFEST_FILE}; "
+            "the run was removed or the directory was copied incompletely"
+        )
+    return run_dir
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of one run, after checking that its format version is the one this code reads."""
+    manifest_path = Path(run_dir) / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError as exc:
+        raise OutputError(f"{manifest_path}: missing; {run_dir} is not a published mf-dist run") from exc
+    except json.JSONDecodeError as exc:
+        raise OutputError(f"{manifest_path}: not valid JSON ({exc}); the run is damaged") from exc
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise OutputError(
+            f"{manifest_path}: no format_version; this is not an mf-dist table manifest, "
+            "or one written before tables were versioned; re-run the pipeline to publish it again"
+        )
+    version = manifest["format_version"]
+    if version != FORMAT_VERSION:
+        raise OutputError(
+            f"{manifest_path}: table format version {version!r}, but this mf-dist reads version "
+            f"{FORMAT_VERSION}; read it with the mf-dist release that wrote it (see docs/tables.md, "
+            "'Versions'), or re-run the pipeline with this one"
+        )
+    return manifest
+
+
+def read_published(path: str | Path, table: str = "items") -> tuple[pa.Table, dict[str, Any], Path]:
+    """(rows, manifest, run directory) of a published table, read from the files the manifest lists.
+
+    Reading the listed files rather than the directory ignores anything else
+    that lands there; the row count is checked against the manifest.
+    """
+    run_dir = resolve_run_dir(path, table)
+    manifest = read_manifest(run_dir)
+    names = [entry["name"] for entry in manifest.get("files", [])]
+    missing = [name for name in names if not (run_dir / name).is_file()]
+    if missing or not names:
+        raise OutputError(f"{run_dir}: the manifest lists files that are not there: {missing or '(none)'}")
+    rows = pa.concat_tables([pq.read_table(run_dir / name) for name in names])
+    if rows.num_rows != manifest.get("row_count"):
+        raise OutputError(
+            f"{run_dir}: {rows.num_rows} rows in the files, {manifest.get('row_count')} in the manifest; "
+            "the run is damaged"
+        )
+    return rows, manifest, run_dir
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One published embedding table in memory.
+
+    ``ids[i]`` is the original id of row ``i`` of ``vectors`` (and of
+    ``bias``); rows are in the table's order.
+    """
+
+    ids: np.ndarray
+    """(n,) the original ids: int64, or object (str) for string ids."""
+    vectors: np.ndarray
+    """(n, rank) float32."""
+    bias: np.ndarray | None
+    """(n,) float32 for the explicit model, else None."""
+    manifest: dict[str, Any]
+    """The run's ``_manifest.json`` (model, rank, metrics, loss history, ``global_mean`` ...)."""
+    path: Path
+    """The run directory that was read."""
+
+    @property
+    def rank(self) -> int:
+        return self.vectors.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_torch(self, device: str | torch.device | None = None) -> torch.Tensor:
+        """``vectors`` as an (n, rank) float32 tensor; shares memory with ``vectors`` on the CPU."""
+        import torch
+
+        tensor = torch.from_numpy(self.vectors)
+        return tensor if device is None else tensor.to(device)
+
+
+def read_embeddings(path: str | Path, table: str = "items") -> Embeddings:
+    """Read the current (or a given) run of an embedding table.
+
+    ``path`` is an output directory (then ``table`` picks ``items`` or
+    ``users``), a table directory such as ``out/items`` (LATEST is followed) or
+    a run directory. Raises :class:`~mf_dist.errors.OutputError` when the path
+    holds no table, the table is damaged or its format version is not this
+    code's.
+    """
+    rows, manifest, run_dir = read_published(path, table)
+    id_column = manifest.get("id_column")
+    if "embedding" not in rows.column_names or id_column not in rows.column_names:
+        raise OutputError(
+            f"{run_dir}: a {manifest.get('table')!r} table, not an embedding table "
+            f"(columns: {', '.join(rows.column_names)})"
+        )
+    rank = int(manifest["rank"])
+    embedding = rows["embedding"].combine_chunks()
+    # flatten() honours slice offsets; .values would not. The copy makes the
+    # array writable (Arrow's buffers are read-only) and frees the Arrow table.
+    vectors = np.array(embedding.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    bias = np.array(rows["bias"].to_numpy(), dtype=np.float32) if "bias" in rows.column_names else None
+    return Embeddings(
+        ids=rows[id_column].to_numpy(),
+        vectors=vectors.reshape(rows.num_rows, rank),
+        bias=bias,
+        manifest=manifest,
+        path=run_dir,
+    )

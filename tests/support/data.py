@@ -1,0 +1,17 @@
+"""Ratings sets of the tests: written as partitioned Parquet, or read from ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mf_dist.bench.synthetic import write_partitions
+from tests.support.paths import REPO
+
+MOVIELENS_100K = REPO.parent / "shared" / "data" / "ml-100k.tsv"
+
+
+def write_input(frame: pd.DataFrame, directory: Path, n_files: int = 3) -> Path:
+    write_partitions(frame, directory, n_files)
+    return directory

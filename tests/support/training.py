@@ -1,0 +1,40 @@
+"""Small training settings and the trained factors of a result, for the trainer tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mf_dist.settings import TrainSettings
+
+# Few epochs, tiny data: enough for each solver to make clear progress.
+EPOCHS = {"cooccurrence": 12, "explicit": 4, "implicit": 4, "nmf": 10}
+
+LEARNING_RATES = {
+    ("cooccurrence", "gradient"): 0.1,
+    ("explicit", "gradient"): 0.01,
+    ("implicit", "gradient"): 0.05,
+    ("nmf", "gradient"): 1.0,
+}
+
+
+def settings(model, solver, **overrides):
+    values = {
+        "model": model,
+        "solver": solver,
+        "rank": 4,
+        "epochs": EPOCHS[model],
+        "learning_rate": LEARNING_RATES.get((model, solver), 0.05),
+        "regularization": 0.05,
+        "batch_size": 64,
+        "seed": 0,
+        "tolerance": 0.0,
+    }
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def factors(result):
+    return {
+        table.name: np.concatenate([table.read_block(b)[0] for b in range(table.grid.n_blocks)])
+        for table in result.tables
+    }

@@ -6,6 +6,7 @@ nothing else is caught.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -317,6 +318,8 @@ def main() -> None:
     try:
         app()
     except MfDistError as exc:
+        # The temporary Prefect server stops at exit and says so; our line stays the last one.
+        logging.getLogger("prefect").setLevel(logging.WARNING)
         errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from mf_dist.config import RunConfig
 from mf_dist.errors import MfDistError
 from mf_dist.flows.artifacts import publish_loss_artifacts
+from mf_dist.flows.run_logs import keep_our_errors_to_one_line
 from mf_dist.flows.stage_cache import (
     STAGES_DIR,
     StageKeyPolicy,
@@ -302,6 +303,7 @@ def stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
 @flow(name="mf-dist-pipeline", validate_parameters=True, result_serializer="json")
 def factorization_pipeline(config: RunConfig) -> PipelineSummary:
     """Ratings Parquet in, published embedding tables out; see the module docstring."""
+    keep_our_errors_to_one_line()
     logger = get_run_logger()
     run_id = new_run_id()
     logger.info(

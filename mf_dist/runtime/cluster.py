@@ -17,6 +17,7 @@ from distributed.scheduler import Scheduler
 
 from mf_dist.errors import ConfigError
 from mf_dist.runtime.cluster_settings import ClusterSettings
+from mf_dist.runtime.log_levels import set_dask_log_level, worker_log_environ
 
 # A Dask scheduler always starts an HTTP server (health, metrics and info
 # routes, whatever ``dashboard`` says), on ``dashboard_address`` or else on
@@ -48,7 +49,11 @@ WORKER_ALLOCATOR_ENVIRON = {
 
 def worker_environ() -> dict[str, object]:
     """The environment the nannies of clusters started here give their workers before they spawn."""
-    return {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ALLOCATOR_ENVIRON}
+    return {
+        **dask.config.get("distributed.nanny.pre-spawn-environ", {}),
+        **WORKER_ALLOCATOR_ENVIRON,
+        **worker_log_environ(),
+    }
 
 
 def visible_gpu_count() -> int:
@@ -73,8 +78,10 @@ def open_client(
     processes bound to loopback with an equal share of the memory; when this
     machine has GPUs, there is one worker per GPU instead, pinned to it
     through ``CUDA_VISIBLE_DEVICES`` and advertising the ``GPU`` resource.
-    Clusters started here are shut down when the block exits.
+    Clusters started here are shut down when the block exits. Dask logs at
+    the level :mod:`mf_dist.runtime.log_levels` gives (warnings by default).
     """
+    set_dask_log_level()
     if scheduler:
         try:
             client = Client(scheduler, timeout="30s")

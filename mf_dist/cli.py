@@ -34,10 +34,10 @@ from mf_dist.config import (
     load_config,
 )
 from mf_dist.errors import MfDistError
+from mf_dist.flows.run_progress import pipeline_progress
 from mf_dist.runtime.cluster_settings import ClusterKind
 from mf_dist.storage.input_files import check_schemas, list_input_files
 from mf_dist.storage.output_lock import exclusive_run
-from mf_dist.terminal.progress import pipeline_progress
 
 if TYPE_CHECKING:
     from mf_dist.flows.pipeline import PipelineSummary

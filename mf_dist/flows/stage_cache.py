@@ -25,8 +25,6 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-import mf_dist
-
 STAGES_DIR = "_stages"
 KEY_PARAMETER = "stage_key"
 
@@ -54,7 +52,7 @@ def code_version() -> str:
     stale result looking current.
     """
     digest = hashlib.sha256()
-    root = Path(mf_dist.__file__).parent
+    root = Path(__file__).resolve().parents[1]
     for path in sorted(root.rglob("*.py")):
         digest.update(str(path.relative_to(root.parent)).encode() + b"\0")
         digest.update(path.read_bytes())

@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from mf_dist import cli
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
+from mf_dist.flows.run_progress import PipelineProgressHandler, pipeline_progress
 from mf_dist.storage.reader import read_published
-from mf_dist.terminal.progress import PipelineProgressHandler, count_progress, pipeline_progress
+from mf_dist.terminal.progress import count_progress
 from mf_dist.terminal.text_chart import text_chart
 from tests.support.published import HISTORY, publish_items
 

@@ -56,7 +56,9 @@ ConfigOption = Annotated[
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-stage log lines.")]
 VerboseOption = Annotated[
     bool,
-    typer.Option("--verbose", "-v", help=f"Log what Dask and the stages do ({LOG_LEVEL_VARIABLE}=INFO)."),
+    typer.Option(
+        "--verbose", "-v", help=f"Dask's logs at INFO, not WARNING (sets {LOG_LEVEL_VARIABLE}=INFO)."
+    ),
 ]
 
 
@@ -66,11 +68,11 @@ def _flag_panel(name: str) -> str:
 
 
 def _log_verbosely(verbose: bool) -> None:
-    """With ``--verbose``, have the logging setup (and workers, which inherit it) log at INFO.
+    """With ``--verbose``, set ``MF_DIST_LOG_LEVEL=INFO``; without it, leave the environment's value.
 
-    Set before anything starts: the variable is read when logging is set up,
-    in this process and in every worker process started from it. Without the
-    flag the environment's own value, if any, stays.
+    Called first thing in a command, before Prefect, Dask or a worker
+    starts: whatever reads the variable then sees it, here and in the
+    processes started from here, which inherit the environment.
     """
     if verbose:
         os.environ[LOG_LEVEL_VARIABLE] = "INFO"

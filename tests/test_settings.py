@@ -240,3 +240,11 @@ def test_a_registered_model_is_accepted(monkeypatch):
     monkeypatch.setitem(MODELS, "toy", toy)
     settings = RunConfig(input="in", output="out", model="toy").train_settings
     assert (settings.model, settings.solver, settings.rank) == ("toy", "als", toy.defaults.rank)
+
+
+def test_the_trainers_take_values_a_run_refuses():
+    """A run's upper bounds on epochs and learning rate are the run's: tests drive trainers to divergence."""
+    settings = TrainSettings(learning_rate=1e30, epochs=200_000)
+    assert (settings.learning_rate, settings.epochs) == (1e30, 200_000)
+    with pytest.raises(ConfigError, match=r"epochs: .*less than or equal to 100000.*learning_rate: .*10"):
+        load_config(None, input="in", output="out", epochs=200_000, learning_rate=1e30)

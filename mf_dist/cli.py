@@ -79,7 +79,7 @@ def _log_verbosely(verbose: bool) -> None:
 
 
 @app.callback()
-def options(verbose: VerboseOption = False) -> None:
+def global_options(verbose: VerboseOption = False) -> None:
     """Options of every command (before its name: ``mf-dist --verbose run ...``)."""
     _log_verbosely(verbose)
 

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -20,22 +20,12 @@ from rich.table import Table
 from mf_dist.bench import command as bench_command
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
-from mf_dist.config import (
-    AlsMethod,
-    CooccurrenceLoss,
-    DeviceName,
-    DuplicatePolicy,
-    ModelName,
-    NmfTarget,
-    OptimizerName,
-    RunConfig,
-    SolverName,
-    XProducts,
-    load_config,
-)
+from mf_dist.config import RunConfig, load_config
+from mf_dist.config_flags import config_flags
 from mf_dist.errors import MfDistError
 from mf_dist.flows.run_progress import pipeline_progress
-from mf_dist.runtime.cluster_settings import ClusterKind
+from mf_dist.runtime.log_levels import LOG_LEVEL_VARIABLE
+from mf_dist.settings import TrainingOptions
 from mf_dist.storage.input_files import check_schemas, list_input_files
 from mf_dist.storage.output_lock import exclusive_run
 
@@ -62,12 +52,35 @@ errors = Console(stderr=True)
 ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", help="TOML file with run settings; flags override it.")
 ]
-ModelOption = Annotated[Optional[ModelName], typer.Option(help="Objective to fit.")]
-RankOption = Annotated[Optional[int], typer.Option(help="Embedding dimension k (1-1024).")]
-EpochsOption = Annotated[Optional[int], typer.Option(help="Training epochs (default per model).")]
-WorkersOption = Annotated[Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")]
-SeedOption = Annotated[Optional[int], typer.Option(help="Random seed.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-stage log lines.")]
+VerboseOption = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help=f"Dask's logs at INFO, not WARNING (sets {LOG_LEVEL_VARIABLE}=INFO)."
+    ),
+]
+
+
+def _flag_panel(name: str) -> str:
+    # The 40-odd settings read more easily in two groups.
+    return "Training" if name in TrainingOptions.model_fields else "Data, cluster and pipeline"
+
+
+def _log_verbosely(verbose: bool) -> None:
+    """With ``--verbose``, set ``MF_DIST_LOG_LEVEL=INFO``; without it, leave the environment's value.
+
+    Called first thing in a command, before Prefect, Dask or a worker
+    starts: whatever reads the variable then sees it, here and in the
+    processes started from here, which inherit the environment.
+    """
+    if verbose:
+        os.environ[LOG_LEVEL_VARIABLE] = "INFO"
+
+
+@app.callback()
+def global_options(verbose: VerboseOption = False) -> None:
+    """Options of every command (before its name: ``mf-dist --verbose run ...``)."""
+    _log_verbosely(verbose)
 
 
 def _run(config: RunConfig) -> PipelineSummary:
@@ -90,91 +103,19 @@ def _run(config: RunConfig) -> PipelineSummary:
 
 
 @app.command()
+@config_flags(RunConfig, panel=_flag_panel)
 def run(
-    input: Annotated[Optional[str], typer.Option(help="Parquet file, directory or glob of ratings.")] = None,
-    output: Annotated[Optional[str], typer.Option(help="Directory for the published tables.")] = None,
+    flags: dict[str, Any],
     config: ConfigOption = None,
-    model: ModelOption = None,
-    solver: Annotated[
-        Optional[SolverName], typer.Option(help="als, gradient or mu (default per model; see README).")
-    ] = None,
-    rank: RankOption = None,
-    epochs: EpochsOption = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="Step size (default per model).")] = None,
-    regularization: Annotated[Optional[float], typer.Option(help="L2 weight (default per model).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Ratings per gradient step (explicit).")] = None,
-    optimizer: Annotated[
-        Optional[OptimizerName], typer.Option(help="Gradient solvers: adam or adagrad.")
-    ] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Implicit: confidence c = 1 + alpha * r.")] = None,
-    als_method: Annotated[
-        Optional[AlsMethod],
-        typer.Option(help="ALS row solves: cg or cholesky (default: explicit cholesky, implicit cg)."),
-    ] = None,
-    cg_steps: Annotated[Optional[int], typer.Option(help="--als-method cg: CG steps per row solve.")] = None,
-    loss: Annotated[
-        Optional[CooccurrenceLoss], typer.Option(help="Co-occurrence: squared (all pairs) or weighted.")
-    ] = None,
-    log_target: Annotated[
-        Optional[bool], typer.Option("--log-target/--no-log-target", help="Weighted loss: fit log X.")
-    ] = None,
-    target: Annotated[Optional[NmfTarget], typer.Option(help="NMF: cooccurrence (X) or ratings (S).")] = None,
-    x_products: Annotated[
-        Optional[XProducts],
-        typer.Option(help="Products with X: from its tiles, or S^T(S V) from the likes (auto: cheaper)."),
-    ] = None,
-    tolerance: Annotated[
-        Optional[float], typer.Option(help="Stop when an epoch improves the loss by less than this fraction.")
-    ] = None,
-    resume: Annotated[
-        Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
-    ] = None,
-    init_from: Annotated[
-        Optional[str], typer.Option(help="Warm start from the tables published under this output.")
-    ] = None,
-    holdout: Annotated[
-        Optional[float],
-        typer.Option(help="Hold out this share of ratings; report RMSE/MAE or recall@10/NDCG@10."),
-    ] = None,
-    workers: WorkersOption = None,
-    threads_per_worker: Annotated[Optional[int], typer.Option(help="Threads per worker process.")] = None,
-    scheduler: Annotated[
-        Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")
-    ] = None,
-    cluster: Annotated[
-        Optional[ClusterKind],
-        typer.Option(help="Where workers come from (settings: the config file's cluster table)."),
-    ] = None,
-    like_threshold: Annotated[
-        Optional[float], typer.Option(help="Rating >= T counts as liked (default: every rating).")
-    ] = None,
-    rating_min: Annotated[
-        Optional[float], typer.Option(help="Refuse input with a rating below this (default: no bound).")
-    ] = None,
-    rating_max: Annotated[
-        Optional[float], typer.Option(help="Refuse input with a rating above this (default: no bound).")
-    ] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Users or items per block.")] = None,
-    seed: SeedOption = None,
-    user_col: Annotated[Optional[str], typer.Option(help="User id column.")] = None,
-    item_col: Annotated[Optional[str], typer.Option(help="Item id column.")] = None,
-    rating_col: Annotated[Optional[str], typer.Option(help="Rating column (absent: implicit).")] = None,
-    timestamp_col: Annotated[Optional[str], typer.Option(help="Timestamp column, for duplicates.")] = None,
-    duplicates: Annotated[
-        Optional[DuplicatePolicy], typer.Option(help="Policy for repeated (user, item) pairs.")
-    ] = None,
-    work_dir: Annotated[
-        Optional[str], typer.Option(help="Intermediate data (default <output>/_work).")
-    ] = None,
-    device: Annotated[Optional[DeviceName], typer.Option(help="auto, cpu or cuda.")] = None,
-    neighbors: Annotated[
-        Optional[int], typer.Option(help="Also publish each item's top-N similar items.")
-    ] = None,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Run the pipeline on your own Parquet ratings."""
-    overrides = {name: value for name, value in locals().items() if name not in ("config", "quiet")}
-    settings = load_config(config, **overrides)
+    """Run the pipeline on your own Parquet ratings.
+
+    Every setting of the run configuration is a flag; flags override the --config file.
+    """
+    _log_verbosely(verbose)
+    settings = load_config(config, **flags)
     started = time.perf_counter()
     with pipeline_progress(console, epochs=settings.resolved_epochs, quiet=quiet):
         summary = _run(settings)
@@ -182,20 +123,20 @@ def run(
 
 
 @app.command()
+@config_flags(RunConfig, names=("model", "rank", "epochs", "workers"))
 def demo(
+    flags: dict[str, Any],
     output: Annotated[Path, typer.Option(help="Directory for the generated input and the tables.")] = Path(
         "mf-dist-demo"
     ),
     ratings: Annotated[int, typer.Option(help="Number of ratings to generate.")] = 1_000_000,
-    model: Annotated[ModelName, typer.Option(help="Objective to fit.")] = "cooccurrence",
-    rank: RankOption = None,
-    epochs: EpochsOption = None,
-    workers: WorkersOption = None,
     seed: Annotated[int, typer.Option(help="Random seed (data and training).")] = 0,
     neighbors: Annotated[int, typer.Option(help="Top-N similar items per item (0: skip).")] = 10,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Generate a realistic ratings set and run the whole pipeline on it."""
+    _log_verbosely(verbose)
     from mf_dist.bench.synthetic import synthetic_ratings, write_partitions
 
     input_dir = output / f"input-{ratings}-seed{seed}"
@@ -206,15 +147,7 @@ def demo(
             partial.rename(input_dir)
     console.print(f"input: {input_dir}")
     settings = load_config(
-        None,
-        input=str(input_dir),
-        output=str(output / "tables"),
-        model=model,
-        rank=rank,
-        epochs=epochs,
-        workers=workers,
-        seed=seed,
-        neighbors=neighbors,
+        None, input=str(input_dir), output=str(output / "tables"), seed=seed, neighbors=neighbors, **flags
     )
     started = time.perf_counter()
     with pipeline_progress(console, epochs=settings.resolved_epochs, quiet=quiet):

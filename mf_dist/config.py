@@ -11,101 +11,49 @@ import itertools
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from mf_dist.errors import ConfigError
 from mf_dist.registry import ModelDefaults, model_spec
 from mf_dist.runtime.cluster_settings import ClusterSettings
-from mf_dist.settings import (
-    AlsMethod,
-    CooccurrenceLoss,
-    DeviceName,
-    DuplicatePolicy,
-    ModelName,
-    NmfTarget,
-    OptimizerName,
-    SolverName,
-    TrainSettings,
-    XProducts,
-)
+from mf_dist.settings import DuplicatePolicy, NeighborsMetric, TrainingOptions, TrainSettings
 
 
-class RunConfig(BaseModel):
+class RunConfig(TrainingOptions):
     """Everything a pipeline run needs; defaults work for a first run.
 
-    Paths are local paths or globs. ``epochs`` and ``learning_rate`` default
-    per model (see :mod:`mf_dist.registry`) when left unset.
+    The training settings are :class:`~mf_dist.settings.TrainingOptions`'
+    (the per-model ones default per model, see :mod:`mf_dist.registry`);
+    the fields below are the rest of a run. Paths are local paths or globs.
+    Every field is also a flag of ``mf-dist run`` (:mod:`mf_dist.config_flags`),
+    its description the flag's help.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: str = Field(description="Directory of Parquet files, a single file, or a glob.")
+    input: str = Field(description="Parquet file, directory of Parquet files, or glob of ratings.")
     output: str = Field(description="Directory that receives the published tables.")
     work_dir: str | None = Field(None, description="Intermediate data (default: <output>/_work).")
 
-    model: ModelName = "cooccurrence"
-    solver: SolverName = Field(
-        "auto", description="'auto' picks the model's default (its first solver in mf_dist.registry)."
-    )
-    rank: int | None = Field(None, ge=1, le=1024, description="Embedding dimension k (default per model).")
-    epochs: int | None = Field(None, ge=1, le=100_000)
-    learning_rate: float | None = Field(None, gt=0, le=10)
-    regularization: float | None = Field(
-        None,
-        ge=0,
-        description="L2 weight (explicit: per observed rating, weighted-lambda); default per model.",
-    )
-    batch_size: int = Field(1024, ge=1, description="Ratings per gradient step inside a block.")
     block_size: int = Field(
         4096, ge=16, le=1 << 20, description="Users or items per block (memory per task)."
     )
-    seed: int = Field(0, ge=0)
-    optimizer: OptimizerName | None = Field(
-        None, description="Gradient solvers: adam or adagrad (default per model)."
-    )
-    alpha: float = Field(10.0, gt=0, description="Implicit model: confidence c = 1 + alpha * r.")
-    als_method: AlsMethod | None = Field(
-        None,
-        description=(
-            "ALS row solves: conjugate gradient (Takacs et al.) or exact Cholesky "
-            "(default: cholesky for explicit, cg for implicit)."
-        ),
-    )
-    cg_steps: int = Field(
-        3, ge=1, le=100, description="Conjugate-gradient steps per ALS row solve (--als-method cg)."
-    )
-    loss: CooccurrenceLoss = Field(
-        "squared",
-        description="Co-occurrence: all pairs (squared), or GloVe-style f(X) weights on non-zeros.",
-    )
-    weight_x_max: float = Field(100.0, gt=0, description="Weighted loss: f(x) = min(1, (x / x_max)^power).")
-    weight_power: float = Field(0.75, gt=0)
-    log_target: bool = Field(False, description="Weighted loss: fit log X_ij instead of X_ij.")
-    target: NmfTarget = Field(
-        "cooccurrence", description="NMF: factorize X = S^T S or the liked matrix S itself."
-    )
-    x_products: XProducts = Field(
-        "auto",
-        description=(
-            "Co-occurrence gradient and NMF of X: products X V from X's stored tiles, or as "
-            "S^T (S V) from the likes (2 x likes x k work instead of nnz(X) x k); auto picks the cheaper."
-        ),
-    )
-    tolerance: float = Field(
-        1e-4, ge=0, description="Stop when an epoch improves the loss by less than this fraction (0: never)."
-    )
     holdout: float = Field(
-        0.0, ge=0, lt=0.9, description="Share of ratings kept out of training to evaluate on (0: none)."
+        0.0,
+        ge=0,
+        lt=0.9,
+        description=(
+            "Share of ratings kept out of training to evaluate on: RMSE/MAE or recall@10/NDCG@10 (0: none)."
+        ),
     )
-    resume: bool = Field(False, description="Continue from the last checkpoint in the work directory.")
-    init_from: str | None = Field(None, description="Warm start from the tables published under this output.")
 
-    user_col: str = "user_id"
-    item_col: str = "item_id"
-    rating_col: str = Field("rating", description="Absent from the files means implicit feedback (1.0).")
-    timestamp_col: str = Field("timestamp", description="Used for duplicates when present.")
+    user_col: str = Field("user_id", description="User id column.")
+    item_col: str = Field("item_id", description="Item id column.")
+    rating_col: str = Field(
+        "rating", description="Rating column; absent from the files means implicit feedback (1.0)."
+    )
+    timestamp_col: str = Field("timestamp", description="Timestamp column, used for duplicates when present.")
     like_threshold: float | None = Field(
         None, description="A rating >= this counts as 'liked' in S; unset: every rating."
     )
@@ -128,23 +76,31 @@ class RunConfig(BaseModel):
         default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)),
         ge=1,
         le=1024,
-        description="Dask workers: processes of the local cluster, SLURM jobs or Kubernetes pods.",
+        description=(
+            "Dask workers: processes of the local cluster, SLURM jobs or Kubernetes pods "
+            "(default: the CPU count, at most 8)."
+        ),
     )
-    threads_per_worker: int = Field(1, ge=1, le=256)
-    scheduler: str | None = Field(None, description="Address of an existing Dask scheduler to join instead.")
+    threads_per_worker: int = Field(1, ge=1, le=256, description="Threads per worker process.")
+    scheduler: str | None = Field(
+        None, description="Address of an existing Dask scheduler to join instead (tcp://host:port)."
+    )
     cluster: ClusterSettings = Field(
-        default_factory=ClusterSettings, description="Local, SLURM or Kubernetes (see cluster_settings)."
+        default_factory=ClusterSettings,
+        description=(
+            "Where workers come from: local, slurm or kubernetes (the flag picks the kind; "
+            "each kind's settings are the config file's [cluster.*] tables)."
+        ),
     )
-    device: DeviceName = "auto"
 
     retries: int = Field(1, ge=0, le=100, description="Retries of a stage after a transient failure.")
-    retry_delay_seconds: float = Field(10.0, ge=0, le=86_400)
+    retry_delay_seconds: float = Field(10.0, ge=0, le=86_400, description="Seconds between those retries.")
     cache: bool = Field(True, description="Reuse finished stages with the same input, settings and code.")
 
     neighbors: int = Field(
         0, ge=0, le=10_000, description="After export, publish each item's top-N similar items (0: skip)."
     )
-    neighbors_metric: Literal["cosine", "dot"] = Field("cosine", description="Similarity of the neighbors.")
+    neighbors_metric: NeighborsMetric = Field("cosine", description="Similarity of the neighbors.")
 
     @model_validator(mode="after")
     def _one_source_of_workers(self) -> RunConfig:
@@ -173,50 +129,20 @@ class RunConfig(BaseModel):
             raise ValueError(f"rating_min {self.rating_min} is above rating_max {self.rating_max}")
         return self
 
-    @model_validator(mode="after")
-    def _solver_fits_model(self) -> RunConfig:
-        solvers = model_spec(self.model).solvers
-        if self.solver != "auto" and self.solver not in solvers:
-            choices = ", ".join(solvers)
-            raise ValueError(f"the {self.model} model has no solver {self.solver!r}; choose one of {choices}")
-        return self
-
     @property
     def needs_cooccurrence(self) -> bool:
         """Whether the model fits X = SᵀS (so the co-occurrence stage must run)."""
         return model_spec(self.model).needs_cooccurrence(self.target)
 
     @property
-    def resolved_solver(self) -> str:
-        return model_spec(self.model).default_solver if self.solver == "auto" else self.solver
-
-    @property
     def train_settings(self) -> TrainSettings:
-        """What the train stage needs, with per-model defaults filled in."""
-        return TrainSettings(
-            model=self.model,
-            solver=self.resolved_solver,
-            rank=self.resolved_rank,
-            epochs=self.resolved_epochs,
-            learning_rate=self.resolved_learning_rate,
-            regularization=self.resolved_regularization,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer or self.defaults.optimizer,
-            alpha=self.alpha,
-            als_method=self.als_method or self.defaults.als_method,
-            cg_steps=self.cg_steps,
-            loss=self.loss,
-            weight_x_max=self.weight_x_max,
-            weight_power=self.weight_power,
-            log_target=self.log_target,
-            target=self.target,
-            x_products=self.x_products,
-            tolerance=self.tolerance,
-            seed=self.seed,
-            device=self.device,
-            resume=self.resume,
-            init_from=self.init_from,
-        )
+        """What the train stage reads: every training field of this run, the per-model ones resolved.
+
+        The fields are taken by name (all of TrainSettings' fields are this
+        config's); :class:`~mf_dist.settings.TrainSettings` fills in the
+        model's defaults for those left unset.
+        """
+        return TrainSettings(**{name: getattr(self, name) for name in TrainSettings.model_fields})
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -224,22 +150,24 @@ class RunConfig(BaseModel):
         return model_spec(self.model).defaults
 
     @property
+    def resolved_solver(self) -> str:
+        return self.train_settings.solver
+
+    @property
     def resolved_epochs(self) -> int:
-        return self.epochs or self.defaults.epochs
+        return self.train_settings.epochs
 
     @property
     def resolved_rank(self) -> int:
-        return self.rank or self.defaults.rank
+        return self.train_settings.rank
 
     @property
     def resolved_regularization(self) -> float:
-        if self.regularization is not None:
-            return self.regularization
-        return self.defaults.regularization
+        return self.train_settings.regularization
 
     @property
     def resolved_learning_rate(self) -> float:
-        return self.learning_rate or self.defaults.learning_rate
+        return self.train_settings.learning_rate
 
     @property
     def resolved_work_dir(self) -> Path:
@@ -270,11 +198,24 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
     return f"invalid configuration in {source}: " + "; ".join(lines)
 
 
+def table_kind(field: FieldInfo) -> FieldInfo | None:
+    """The ``kind`` field of a setting that is a table of its own (like ``[cluster]``), else None.
+
+    Such a table is set in the config file; a flag or an override given as a
+    string sets only its kind, and the file's other settings of the table stay.
+    """
+    annotation = field.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.model_fields.get("kind")
+    return None
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     """Build a :class:`RunConfig` from a TOML file and overrides (flags win).
 
     Overrides whose value is ``None`` are ignored so that unset CLI flags keep
-    the file's value.
+    the file's value. A string for a table with a kind (``cluster="slurm"``)
+    sets that kind and keeps the rest of the file's table (see :func:`table_kind`).
     """
     values: dict[str, Any] = {}
     source = "command-line flags"
@@ -290,9 +231,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     for key, value in overrides.items():
         if value is None:
             continue
-        if key == "cluster" and isinstance(value, str):
+        field = RunConfig.model_fields.get(key)
+        if isinstance(value, str) and field is not None and table_kind(field) is not None:
             # ``--cluster slurm`` picks the kind and keeps the file's [cluster.slurm] settings.
-            values["cluster"] = {**values.get("cluster", {}), "kind": value}
+            values[key] = {**values.get(key, {}), "kind": value}
         else:
             values[key] = value
     try:

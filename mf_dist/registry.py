@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from mf_dist.settings import TrainSettings
-
 if TYPE_CHECKING:
     from distributed import Client, Future
 
+    # Under TYPE_CHECKING only: mf_dist.settings validates names against this registry.
+    from mf_dist.settings import AlsMethod, OptimizerName, TrainSettings
     from mf_dist.storage.ingested import IngestResult
     from mf_dist.trainers.epoch_loop import ShardedModel
 
@@ -69,8 +69,8 @@ class ModelDefaults:
     learning_rate: float
     rank: int
     regularization: float
-    optimizer: Literal["adam", "adagrad"] = "adam"
-    als_method: Literal["cg", "cholesky"] = "cg"
+    optimizer: OptimizerName = "adam"
+    als_method: AlsMethod = "cg"
 
 
 @dataclass(frozen=True)

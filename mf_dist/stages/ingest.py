@@ -20,7 +20,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import dask
 import dask.dataframe as dd
@@ -32,13 +31,12 @@ from distributed import Client, wait
 
 from mf_dist.blocks import BlockGrid
 from mf_dist.errors import InputError
+from mf_dist.settings import DuplicatePolicy
 from mf_dist.storage.ingested import HOLDOUT_DIR, IngestResult, liked_mask
 from mf_dist.storage.input_files import InputColumns, check_schemas, input_fingerprint, list_input_files
 from mf_dist.storage.schema import INGEST_DIR, RATINGS_SCHEMA, ratings_block_name
 
 logger = logging.getLogger(__name__)
-
-DuplicatePolicy = Literal["auto", "last", "sum", "mean", "error"]
 
 # The largest id the pipeline keeps (ids are int64 from ingest on).
 INT64_MAX = np.iinfo(np.int64).max

@@ -230,7 +230,9 @@ def test_a_registered_model_is_a_choice(monkeypatch):
     ids=["global", "on-run"],
 )
 def test_verbose_sets_the_log_level_for_the_run(monkeypatch, args):
-    monkeypatch.delenv("MF_DIST_LOG_LEVEL", raising=False)
+    # setenv first, so that monkeypatch removes the variable the command sets again afterwards.
+    monkeypatch.setenv("MF_DIST_LOG_LEVEL", "WARNING")
+    monkeypatch.delenv("MF_DIST_LOG_LEVEL")
     with pytest.raises(ConfigError, match="config file not found"):
         cli.app(args, standalone_mode=False)
     assert os.environ["MF_DIST_LOG_LEVEL"] == "INFO"

@@ -32,7 +32,8 @@ def _nan_rating_input(directory: Path) -> Path:
     return directory
 
 
-def test_a_bad_value_found_on_the_workers_ends_in_one_line(prefect_api, tmp_path):
+def test_a_bad_value_found_on_the_workers_ends_in_one_line(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.delenv("MF_DIST_LOG_LEVEL", raising=False)
     source = _nan_rating_input(tmp_path / "input")
     log = tmp_path / "run.log"
     process = mf_dist_process(

@@ -1,17 +1,28 @@
-"""The block grid: contiguous index ranges and the order blocks are visited in.
+"""The block grid, the order blocks are visited in, and a block of factor rows.
 
 Users and items are cut into contiguous ranges of ``block_size`` indices.
 A ratings block (p, q) holds user block p × item block q; a co-occurrence tile
-(b, c) holds X restricted to item blocks b × c.
+(b, c) holds X restricted to item blocks b × c; a :class:`RowBlock` holds the
+factor rows of one block of a table.
+
+This module is the bottom of the math layer and is imported by the command
+line, which must start without torch: torch appears in annotations only.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+OptimizerState = dict[int, dict[str, Any]]
+"""A torch optimiser's per-parameter state (``state_dict()["state"]``), CPU tensors between tasks."""
 
 
 @dataclass(frozen=True)
@@ -80,3 +91,19 @@ def dsgd_strata(n_row_blocks: int, n_col_blocks: int) -> list[list[tuple[int, in
         if stratum:
             strata.append(stratum)
     return strata
+
+
+@dataclass
+class RowBlock:
+    """One block of factor rows: vectors (n × k), biases (n) or None, and their optimiser state.
+
+    Tensors live on the CPU between tasks; a task moves them to its device.
+    """
+
+    vectors: Tensor
+    bias: Tensor | None = None
+    state: OptimizerState = field(default_factory=dict)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.vectors.shape[0])

@@ -75,9 +75,10 @@ class ModelDefaults:
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """One solver of a model and where its trainer is built.
+    """One solver of a model and the trainer class that runs it.
 
-    ``trainer`` is ``"module:function"``, imported on first use so that the
+    ``trainer`` is ``"module:Class"``, a subclass of
+    :class:`mf_dist.trainers.base.Trainer`, imported on first use so that the
     command line starts without torch and Dask (it reads the registry for its
     choices and defaults).
     """
@@ -86,9 +87,9 @@ class SolverSpec:
     trainer: str
 
     def factory(self) -> TrainerFactory:
-        """The trainer factory: (client, work dir, ingest, settings, resources, initial blocks) → trainer."""
+        """The class's ``build``: (client, work dir, ingest, settings, resources, initial) → trainer."""
         module, _, attribute = self.trainer.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        return getattr(importlib.import_module(module), attribute).build
 
 
 @dataclass(frozen=True)
@@ -132,17 +133,18 @@ def model_spec(name: str) -> ModelSpec:
         raise KeyError(f"no model {name!r}; registered: {', '.join(MODELS)}") from None
 
 
-def _solvers(**builders: str) -> dict[str, SolverSpec]:
-    return {
-        name: SolverSpec(name, f"mf_dist.trainers.builders:{builder}") for name, builder in builders.items()
-    }
+def _solvers(**trainers: str) -> dict[str, SolverSpec]:
+    """Solver name → its spec, from ``"module:Class"`` under ``mf_dist.trainers``."""
+    return {name: SolverSpec(name, f"mf_dist.trainers.{trainer}") for name, trainer in trainers.items()}
 
 
 register(
     ModelSpec(
         name="cooccurrence",
         summary="Item vectors whose dot products fit the co-occurrence counts X = SᵀS.",
-        solvers=_solvers(gradient="cooccurrence_gradient", als="cooccurrence_als"),
+        solvers=_solvers(
+            gradient="cooccurrence_gradient:CooccurrenceGradient", als="cooccurrence_als:CooccurrenceALS"
+        ),
         defaults=ModelDefaults(epochs=60, learning_rate=0.1, rank=32, regularization=0.0),
         tables=frozenset({"items"}),
         needs_cooccurrence=lambda target: True,
@@ -154,7 +156,7 @@ register(
     ModelSpec(
         name="explicit",
         summary="User and item vectors with biases that predict the rating values.",
-        solvers=_solvers(als="explicit_als", gradient="explicit_gradient"),
+        solvers=_solvers(als="explicit_als:ExplicitALS", gradient="explicit_gradient:ExplicitGradient"),
         defaults=ModelDefaults(
             epochs=20,
             learning_rate=0.1,
@@ -173,7 +175,7 @@ register(
     ModelSpec(
         name="implicit",
         summary="User and item vectors for implicit feedback, confidence-weighted (Hu, Koren, Volinsky).",
-        solvers=_solvers(als="implicit", gradient="implicit"),
+        solvers=_solvers(als="implicit:ImplicitALS", gradient="implicit:ImplicitGradient"),
         defaults=ModelDefaults(epochs=15, learning_rate=0.01, rank=32, regularization=0.1, als_method="cg"),
         tables=frozenset({"users", "items"}),
     )
@@ -185,7 +187,7 @@ register(
     ModelSpec(
         name="nmf",
         summary="Non-negative factors of X = SᵀS (items, contexts) or of S itself (users, items).",
-        solvers=_solvers(mu="nmf", gradient="nmf"),
+        solvers=_solvers(mu="nmf:NMFMultiplicative", gradient="nmf:NMFGradient"),
         defaults=ModelDefaults(epochs=200, learning_rate=1.0, rank=32, regularization=0.0),
         tables=frozenset({"items", "contexts", "users"}),
         needs_cooccurrence=lambda target: target == "cooccurrence",

@@ -35,12 +35,6 @@ from torch import Tensor
 from mf_dist.solvers import normal_equations
 
 
-def gram(vectors: Tensor) -> Tensor:
-    """VᵀV of a row block (n × k → k × k), in float64 so that block sums stay exact."""
-    v = vectors.double()
-    return v.T @ v
-
-
 def tile_products(
     tile: Tensor, tile_transposed: Tensor | None, row_vectors: Tensor, col_vectors: Tensor
 ) -> tuple[Tensor, Tensor]:

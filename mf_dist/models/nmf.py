@@ -36,12 +36,7 @@ import torch
 from torch import Tensor
 
 from mf_dist.solvers.multiplicative import multiplicative_update
-
-
-def gram(factor: Tensor) -> Tensor:
-    """FᵀF of a row block (rows × k → k × k), float64 so that block sums stay exact."""
-    f = factor.double()
-    return f.T @ f
+from mf_dist.solvers.rows import random_rows
 
 
 def initial_scale(mean_value: float, rank: int) -> float:
@@ -55,8 +50,7 @@ def initial_scale(mean_value: float, rank: int) -> float:
 
 def initial_factor(n_rows: int, rank: int, scale: float, seed: int) -> Tensor:
     """A fresh non-negative block: scale · |N(0, 1)| (n_rows × rank, float32), from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n_rows, rank, generator=generator).abs_() * scale
+    return random_rows(n_rows, rank, scale, seed).abs_()
 
 
 def multiplicative_rows(factor: Tensor, cross_product: Tensor, other_gram: Tensor) -> Tensor:

@@ -9,14 +9,12 @@ Kingma & Ba 2015); this module only carries their state between tasks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 from torch import Tensor
 
-OptimizerState = dict[int, dict[str, Any]]
+from mf_dist.blocks import OptimizerState, RowBlock
 
 
 def _load_state(optimizer: torch.optim.Optimizer, state: OptimizerState | None) -> None:
@@ -65,22 +63,6 @@ def optimizer_step(
     updated.grad = grad.to(updated.dtype)
     optimizer.step()
     return updated.detach(), _state_on_cpu(optimizer)
-
-
-@dataclass
-class RowBlock:
-    """One factor row block: vectors (n × k), biases (n) or None, and their optimiser state.
-
-    Tensors live on the CPU between tasks; a task moves them to its device.
-    """
-
-    vectors: Tensor
-    bias: Tensor | None = None
-    state: OptimizerState = field(default_factory=dict)
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.vectors.shape[0])
 
 
 BatchObjective = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]

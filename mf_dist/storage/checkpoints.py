@@ -31,9 +31,9 @@ import torch
 from distributed import Client, Future
 from pydantic import BaseModel
 
+from mf_dist.blocks import OptimizerState, RowBlock
 from mf_dist.errors import ConfigError
 from mf_dist.settings import TrainSettings
-from mf_dist.solvers.gradient import OptimizerState, RowBlock
 from mf_dist.storage.factor_files import EpochRecord, FactorTable, write_factor_block
 
 CHECKPOINT_FILE = "checkpoint.json"

@@ -25,28 +25,24 @@ block run in parallel where the tiles live, the block solves in sequence.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from distributed import Client, Future
+from distributed import Future
 
 from mf_dist.errors import ConfigError
 from mf_dist.models import cooccurrence as objective
 from mf_dist.runtime.cluster import compute_device
-from mf_dist.settings import TrainSettings
-from mf_dist.storage.factor_files import FactorTable, block_seed
-from mf_dist.storage.tiles import CooccurrenceResult
-from mf_dist.trainers.cooccurrence import (
+from mf_dist.solvers.rows import gram
+from mf_dist.trainers.base import CooccurrenceTrainer, TrainingInputs
+from mf_dist.trainers.cooccurrence_gradient import start_scale
+from mf_dist.trainers.cooccurrence_tiles import (
     ResidentTile,
-    as_row_block,
-    block_gram,
-    block_vectors,
-    initial_block,
+    load_resident_tiles,
     load_tile_tensors,
-    pick,
-    sum_tensors,
+    tile_product,
+    tile_product_parts,
 )
 from mf_dist.trainers.epoch_loop import Measurement
+from mf_dist.trainers.tasks import pick, sum_tensors
 
 # ρ = 1e-6 · tr(G)/k: far below an informative system's eigenvalues (it moves
 # the rows' least-squares fits by a relative 1e-6 to 1e-5 in the tests), yet a
@@ -54,44 +50,6 @@ from mf_dist.trainers.epoch_loop import Measurement
 # instead of a huge one. The ridge only shapes the step's direction: the line
 # search and the reported loss use the unregularised objective.
 RELATIVE_RIDGE = 1e-6
-
-TileKey = tuple[int, int]
-
-
-def tile_product(
-    tile: ResidentTile, vectors: torch.Tensor, transpose: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    """X₀_bc V_c (``transpose=False``) or X₀_bcᵀ V_b, on the tile's device, returned on the CPU."""
-    device = tile.forward.device
-    if not transpose:
-        matrix = tile.forward
-    else:
-        matrix = tile.transposed if tile.transposed is not None else tile.forward.T
-    return (matrix.to(dtype) @ vectors.to(device=device, dtype=dtype)).cpu()
-
-
-def tile_product_parts(
-    client: Client,
-    tiles: dict[TileKey, Future],
-    vectors: list[Future],
-    resources: dict[str, float] | None,
-    dtype: torch.dtype,
-) -> list[list[Future]]:
-    """Per row block, the futures of the tile products that sum to (X₀V)_b.
-
-    ``tiles`` maps (b, c), b ≤ c, to :class:`ResidentTile` futures (X₀ is
-    symmetric, so tile (b, c) also gives X₀_cb = X₀_bcᵀ); ``vectors`` holds
-    one tensor future per block. Each stored tile is used once per direction;
-    a diagonal tile is symmetric itself and needs one product, not two. The
-    parts come in tile order, so a sum over them does not depend on which
-    worker finishes first.
-    """
-    parts: list[list[Future]] = [[] for _ in vectors]
-    for (b, c), tile in tiles.items():
-        parts[b].append(client.submit(tile_product, tile, vectors[c], False, dtype, resources=resources))
-        if b != c:
-            parts[c].append(client.submit(tile_product, tile, vectors[b], True, dtype, resources=resources))
-    return parts
 
 
 def block_loss_terms(vectors: torch.Tensor, *cross_parts: torch.Tensor) -> tuple[float, float]:
@@ -127,7 +85,7 @@ def solve_block(
         relative_ridge,
     )
     new = new.cpu()
-    return new, objective.gram(new), change, step
+    return new, gram(new), change, step
 
 
 def step_summaries(*steps: tuple) -> list[tuple[float, float]]:
@@ -135,65 +93,33 @@ def step_summaries(*steps: tuple) -> list[tuple[float, float]]:
     return [(step[2], step[3]) for step in steps]
 
 
-class CooccurrenceALS:
+class CooccurrenceALS(CooccurrenceTrainer):
     """Block Gauss–Seidel ALS on V; see the module docstring."""
 
-    def __init__(
-        self,
-        client: Client,
-        cooccurrence: CooccurrenceResult,
-        settings: TrainSettings,
-        resources: dict[str, float] | None,
-        initial: dict[str, list[Future]] | None = None,
-    ) -> None:
-        if settings.loss != "squared":
+    def __init__(self, inputs: TrainingInputs) -> None:
+        if inputs.settings.loss != "squared":
             raise ConfigError(
-                f"the co-occurrence model's {settings.loss!r} loss has only the gradient solver; "
+                f"the co-occurrence model's {inputs.settings.loss!r} loss has only the gradient solver; "
                 "use --solver gradient, or --loss squared for ALS"
             )
-        self.client = client
-        self.cooccurrence = cooccurrence
-        self.settings = settings
-        self.grid = cooccurrence.item_grid
-        self.resources = resources
+        super().__init__(inputs)
+        cooccurrence, settings = self.cooccurrence, self.settings
         self.norm = max(cooccurrence.offdiagonal_sum_of_squares, 1e-300)
-        self.tiles: dict[TileKey, Future] = {
-            (info.row_block, info.col_block): self._submit(
-                load_tile_tensors,
-                info,
-                (self.grid.size(info.row_block), self.grid.size(info.col_block)),
-                settings.device,
-            )
-            for info in cooccurrence.tiles
-        }
-        if initial and "items" in initial:
-            self.vectors = [self._submit(block_vectors, b) for b in initial["items"]]
-        else:
-            # The gradient solver's start (same scale and seeds), so that the two
-            # solvers' curves begin at the same loss and can be compared.
-            scale = 0.3 * objective.initial_scale(
-                cooccurrence.offdiagonal_sum_of_squares, cooccurrence.n_items, settings.rank
-            )
-            self.vectors = [
-                self._submit(
-                    initial_block, stop - start, settings.rank, scale, block_seed(settings.seed, 0, b)
-                )
-                for b, start, stop in self.grid
-            ]
+        self.tiles = load_resident_tiles(self._submit, cooccurrence, load_tile_tensors, settings.device)
+        # The gradient solver's start (same scale and seeds), so that the two
+        # solvers' curves begin at the same loss and can be compared.
+        self._start(inputs.initial, start_scale(cooccurrence, settings.rank), with_states=False)
         self.loss: float | None = None
-
-    def _submit(self, function: Callable, *args: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False)
 
     def _full_loss(self) -> float:
         """Σ_{i≠j}(v_iᵀv_j − X_ij)² at the current V, in float64."""
-        gram = self._submit(sum_tensors, *[self._submit(block_gram, v) for v in self.vectors])
-        parts = tile_product_parts(self.client, self.tiles, self.vectors, self.resources, torch.float64)
+        total_gram = self._submit(sum_tensors, *[self._submit(gram, v) for v in self.vectors])
+        parts = tile_product_parts(self._submit, self.tiles, self.vectors, torch.float64)
         terms = self.client.gather(
             [self._submit(block_loss_terms, v, *p) for v, p in zip(self.vectors, parts, strict=True)]
         )
         total = objective.total_loss(
-            gram.result(),
+            total_gram.result(),
             torch.tensor(sum(t[0] for t in terms), dtype=torch.float64),
             torch.tensor(sum(t[1] for t in terms), dtype=torch.float64),
             self.cooccurrence.offdiagonal_sum_of_squares,
@@ -211,18 +137,14 @@ class CooccurrenceALS:
             parts.append(self._submit(tile_product, self.tiles[key], self.vectors[c], c < b, torch.float64))
         return parts
 
-    def _measure(self, epoch: int, extra: dict[str, float] | None = None) -> Measurement:
-        assert self.loss is not None
-        return Measurement(epoch, self.loss, {"relative_loss": self.loss / self.norm, **(extra or {})})
-
     def run_epoch(self, epoch: int) -> list[Measurement]:
         measurements = []
         if self.loss is None:
             self.loss = self._full_loss()
             # A resumed run already has this point in its history.
             if epoch == 1:
-                measurements.append(self._measure(0))
-        grams = [self._submit(block_gram, v) for v in self.vectors]
+                measurements.append(self._measure(0, self.loss))
+        grams = [self._submit(gram, v) for v in self.vectors]
         steps = []
         for b in range(self.grid.n_blocks):
             step = self._submit(
@@ -240,21 +162,7 @@ class CooccurrenceALS:
         summaries = self._submit(step_summaries, *steps).result()
         self.loss += sum(change for change, _ in summaries)
         mean_step = sum(t for _, t in summaries) / max(1, len(summaries))
-        return [*measurements, self._measure(epoch, {"mean_line_search_step": mean_step})]
-
-    def finish(self) -> list[Measurement]:
-        return []
-
-    def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
-        layout = FactorTable(
-            name="items",
-            directory="",
-            n_rows=self.grid.n_rows,
-            block_size=self.grid.block_size,
-            rank=self.settings.rank,
-            has_bias=False,
-        )
-        return {"items": (layout, [self._submit(as_row_block, v, None) for v in self.vectors])}
+        return [*measurements, self._measure(epoch, self.loss, {"mean_line_search_step": mean_step})]
 
     def divergence_advice(self) -> str:
         return f"the row systems are too ill-conditioned; lower --rank (now {self.settings.rank})"

@@ -55,7 +55,7 @@ class ShardedModel(Protocol):
         ...
 
     def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
-        """Table name → (layout, row-block futures of :class:`~mf_dist.solvers.gradient.RowBlock`)."""
+        """Table name → (layout, row-block futures of :class:`~mf_dist.blocks.RowBlock`)."""
         ...
 
     def divergence_advice(self) -> str:

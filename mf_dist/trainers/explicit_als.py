@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import math
 
-from distributed import Client, Future
-
+from mf_dist.blocks import RowBlock
 from mf_dist.models import explicit as objective
 from mf_dist.runtime.cluster import compute_device
 from mf_dist.settings import TrainSettings
-from mf_dist.solvers.gradient import RowBlock
-from mf_dist.storage.factor_files import FactorTable, block_seed
-from mf_dist.storage.ingested import IngestResult
+from mf_dist.trainers.base import TrainingInputs, UserItemTrainer
 from mf_dist.trainers.epoch_loop import Measurement
-from mf_dist.trainers.ratings_sides import (
-    SideEntries,
-    concatenate_bias,
-    concatenate_vectors,
-    load_ratings_sides,
-    random_row_block,
-)
-
-INITIAL_SCALE = 0.1
+from mf_dist.trainers.ratings_sides import SideEntries, load_ratings_sides
+from mf_dist.trainers.tasks import concatenate_bias, concatenate_vectors
 
 
 def solve_side_block(
@@ -98,41 +88,15 @@ def side_objective(
     return float(total), float(squared_error)
 
 
-class ExplicitALS:
+class ExplicitALS(UserItemTrainer):
     """Explicit ratings by alternating exact block solves; see the module docstring."""
 
-    def __init__(
-        self,
-        client: Client,
-        ingest: IngestResult,
-        settings: TrainSettings,
-        resources: dict[str, float] | None,
-        initial: dict[str, list[Future]] | None = None,
-    ) -> None:
-        self.client = client
-        self.ingest = ingest
-        self.settings = settings
-        self.resources = resources
-        self.sides = load_ratings_sides(client, ingest, liked_only=False, resources=resources)
-        initial = initial or {}
-        self.users = initial.get("users") or self._random_blocks(ingest.user_grid, 0)
-        self.items = initial.get("items") or self._random_blocks(ingest.item_grid, 1)
+    has_bias = True
+    initial_scale = 0.1
 
-    def _submit(self, function: object, *args: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False)
-
-    def _random_blocks(self, grid: object, side: int) -> list[Future]:
-        return [
-            self._submit(
-                random_row_block,
-                stop - start,
-                self.settings.rank,
-                INITIAL_SCALE,
-                block_seed(self.settings.seed, 0, side, block),
-                True,
-            )
-            for block, start, stop in grid  # type: ignore[attr-defined]
-        ]
+    def __init__(self, inputs: TrainingInputs) -> None:
+        super().__init__(inputs)
+        self.sides = load_ratings_sides(self.client, self.ingest, liked_only=False, resources=self.resources)
 
     def run_epoch(self, epoch: int) -> list[Measurement]:
         s = self.settings
@@ -154,25 +118,6 @@ class ExplicitALS:
         n = max(1, self.sides.n_entries)
         loss = sum(t[0] for t in sums) / n
         return [Measurement(epoch, loss, {"train_rmse": math.sqrt(sum(t[1] for t in sums) / n)})]
-
-    def finish(self) -> list[Measurement]:
-        return []
-
-    def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
-        return {
-            "users": (self._layout("users", self.ingest.n_users), self.users),
-            "items": (self._layout("items", self.ingest.n_items), self.items),
-        }
-
-    def _layout(self, name: str, n_rows: int) -> FactorTable:
-        return FactorTable(
-            name=name,
-            directory="",
-            n_rows=n_rows,
-            block_size=self.ingest.block_size,
-            rank=self.settings.rank,
-            has_bias=True,
-        )
 
     def divergence_advice(self) -> str:
         return f"raise --regularization (now {self.settings.regularization}) or lower --rank"

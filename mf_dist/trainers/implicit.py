@@ -4,13 +4,20 @@ Both solvers work on the liked entries only (ratings ≥ the like threshold, or
 every entry of implicit input) plus the k × k Gram matrix of the other side,
 summed over its blocks; the users × items matrix is never formed.
 
-- ``als``: every user block, then every item block, is re-solved given the
-  other side: by ``cg_steps`` conjugate-gradient steps from the current rows
-  (Takács et al. 2011, the default) or exactly by Cholesky.
-- ``gradient``: one full-batch optimiser step (Adam or Adagrad) per block and
-  side, with the gradient of the same loss.
+- :class:`ImplicitALS`: every user block, then every item block, is
+  re-solved given the other side: by ``cg_steps`` conjugate-gradient steps
+  from the current rows (Takács et al. 2011, the default) or exactly by
+  Cholesky.
+- :class:`ImplicitGradient`: one full-batch optimiser step (Adam or
+  Adagrad) per block and side, with the gradient of the same loss.
 
 The loss after an epoch is the full Hu et al. objective (all pairs).
+
+Both trainers live in this one module: they share everything but the block
+step (:func:`als_block` or :func:`gradient_block`) and whether crowded
+blocks are cut into row pieces — the liked sides, the cache of the other
+side on a worker, the piece updates, the loss and the look-ahead of the next
+epoch's user side (:class:`ImplicitTrainer`).
 """
 
 from __future__ import annotations
@@ -18,26 +25,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from distributed import Client, Future
+from distributed import Future
 
+from mf_dist.blocks import RowBlock
 from mf_dist.models import implicit as objective
 from mf_dist.runtime.cluster import compute_device
 from mf_dist.settings import TrainSettings
-from mf_dist.solvers.gradient import RowBlock, optimizer_step
-from mf_dist.storage.factor_files import FactorTable, block_seed
-from mf_dist.storage.ingested import IngestResult
+from mf_dist.solvers.gradient import optimizer_step
+from mf_dist.solvers.rows import gram
+from mf_dist.trainers.base import TrainingInputs, UserItemTrainer
 from mf_dist.trainers.epoch_loop import Measurement
-from mf_dist.trainers.ratings_sides import (
-    RowRange,
-    SideEntries,
-    concatenate_vectors,
-    load_ratings_sides,
-    random_row_block,
-)
-
-INITIAL_SCALE = 0.01
+from mf_dist.trainers.ratings_sides import RowRange, SideEntries, load_ratings_sides
+from mf_dist.trainers.tasks import concatenate_vectors
 
 
 def als_block(
@@ -89,7 +91,7 @@ def als_block(
         terms = 0.0
         if with_terms:
             terms = float(objective.liked_terms_from_scores(scores, args[2], settings.alpha))
-    return ScoredRowBlock(vectors=vectors.cpu(), liked_terms=terms, gram=vector_gram(vectors).cpu())
+    return ScoredRowBlock(vectors=vectors.cpu(), liked_terms=terms, gram=gram(vectors).cpu())
 
 
 def gradient_block(
@@ -122,9 +124,7 @@ def gradient_block(
         vectors, gradient, block.state, settings.learning_rate, settings.optimizer
     )
     terms = _liked_terms(*args, updated, other_vectors, settings.alpha) if with_terms else 0.0
-    return ScoredRowBlock(
-        vectors=updated.cpu(), state=state, liked_terms=terms, gram=vector_gram(updated).cpu()
-    )
+    return ScoredRowBlock(vectors=updated.cpu(), state=state, liked_terms=terms, gram=gram(updated).cpu())
 
 
 class _LastOtherSide:
@@ -156,10 +156,10 @@ def other_side(device: torch.device, *others: RowBlock) -> tuple[torch.Tensor, t
             assert last.vectors is not None and last.gram is not None
             return last.vectors, last.gram
     vectors = concatenate_vectors(*others).to(device)
-    gram = summarize_gram(*others).to(device)
+    total = summarize_gram(*others).to(device)
     with last.lock:
-        last.blocks, last.device, last.vectors, last.gram = others, device, vectors, gram
-    return vectors, gram
+        last.blocks, last.device, last.vectors, last.gram = others, device, vectors, total
+    return vectors, total
 
 
 def _liked_terms(
@@ -189,12 +189,6 @@ class ScoredRowBlock(RowBlock):
     gram: torch.Tensor | None = None
 
 
-def vector_gram(vectors: torch.Tensor) -> torch.Tensor:
-    """VᵀV in float64 (k × k) of ``vectors`` (n × k), so that sums over blocks stay exact."""
-    wide = vectors.double()
-    return wide.T @ wide
-
-
 def join_rows(*pieces: ScoredRowBlock) -> ScoredRowBlock:
     """One block from its row pieces in row order, terms and Grams summed in order (runs on a worker)."""
     return ScoredRowBlock(
@@ -209,7 +203,7 @@ def summarize_gram(*blocks: RowBlock) -> torch.Tensor:
     total = None
     for block in blocks:
         own = getattr(block, "gram", None)
-        own = vector_gram(block.vectors) if own is None else own
+        own = gram(block.vectors) if own is None else own
         total = own.clone() if total is None else total.add_(own)
     assert total is not None
     return total
@@ -220,33 +214,20 @@ def sum_terms(*blocks: ScoredRowBlock) -> float:
     return float(sum(block.liked_terms for block in blocks))
 
 
-class ImplicitModel:
-    """Implicit feedback on the liked matrix; ``update`` is the ALS or the gradient block step."""
+class ImplicitTrainer(UserItemTrainer):
+    """Implicit feedback on the liked matrix; a subclass names the block step and whether blocks are cut."""
 
-    def __init__(
-        self,
-        client: Client,
-        ingest: IngestResult,
-        settings: TrainSettings,
-        resources: dict[str, float] | None,
-        initial: dict[str, list[Future]] | None = None,
-    ) -> None:
-        self.client = client
-        self.ingest = ingest
-        self.settings = settings
-        self.resources = resources
-        self.update: Callable[..., ScoredRowBlock] = als_block if settings.solver == "als" else gradient_block
-        # The starting factors first: Dask runs ready tasks in the order they
-        # were submitted, and the first user solves need every item block.
-        initial = initial or {}
-        self.users = initial.get("users") or self._random_blocks(ingest.user_grid, 0)
+    initial_scale = 0.01
+    update: ClassVar[Callable[..., ScoredRowBlock]]
+    """The block step, run on a worker: :func:`als_block` or :func:`gradient_block` (their signature)."""
+    split: ClassVar[bool]
+    """Whether crowded blocks are cut into row pieces solved as separate tasks."""
+
+    def __init__(self, inputs: TrainingInputs) -> None:
+        super().__init__(inputs)
         self.users_ahead: list[Future] | None = None
-        self.items = initial.get("items") or self._random_blocks(ingest.item_grid, 1)
-        # ALS solves every row on its own, so crowded blocks are cut into row
-        # pieces that run as separate tasks; the optimiser state of the
-        # gradient solvers is per block, so they keep whole blocks.
         self.sides = load_ratings_sides(
-            client, ingest, liked_only=True, resources=resources, split=settings.solver == "als"
+            self.client, self.ingest, liked_only=True, resources=self.resources, split=self.split
         )
         self.user_pieces = [
             list(zip(entries, ranges, strict=True))
@@ -255,22 +236,6 @@ class ImplicitModel:
         self.item_pieces = [
             list(zip(entries, ranges, strict=True))
             for entries, ranges in zip(self.sides.items, self.sides.item_ranges, strict=True)
-        ]
-
-    def _submit(self, function: object, *args: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False)
-
-    def _random_blocks(self, grid: object, side: int) -> list[Future]:
-        return [
-            self._submit(
-                random_row_block,
-                stop - start,
-                self.settings.rank,
-                INITIAL_SCALE,
-                block_seed(self.settings.seed, 0, side, block),
-                False,
-            )
-            for block, start, stop in grid  # type: ignore[attr-defined]
         ]
 
     def _update_side(
@@ -326,26 +291,19 @@ class ImplicitModel:
             Measurement(epoch, float(loss), {"loss_per_like": float(loss) / max(1, self.sides.n_entries)})
         ]
 
-    def finish(self) -> list[Measurement]:
-        return []
 
-    def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
-        return {
-            "users": (self._layout("users", self.ingest.n_users), self.users),
-            "items": (self._layout("items", self.ingest.n_items), self.items),
-        }
+class ImplicitALS(ImplicitTrainer):
+    """Implicit feedback by ALS: every row is solved on its own, so crowded blocks are cut into row pieces."""
 
-    def _layout(self, name: str, n_rows: int) -> FactorTable:
-        return FactorTable(
-            name=name,
-            directory="",
-            n_rows=n_rows,
-            block_size=self.ingest.block_size,
-            rank=self.settings.rank,
-            has_bias=False,
-        )
+    update = staticmethod(als_block)
+    split = True
 
     def divergence_advice(self) -> str:
-        if self.settings.solver == "gradient":
-            return f"lower --learning-rate (now {self.settings.learning_rate})"
         return f"raise --regularization (now {self.settings.regularization}) or lower --alpha"
+
+
+class ImplicitGradient(ImplicitTrainer):
+    """Implicit feedback by full-batch optimiser steps; optimiser state is per block, so blocks stay whole."""
+
+    update = staticmethod(gradient_block)
+    split = False

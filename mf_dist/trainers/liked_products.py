@@ -21,7 +21,6 @@ one task per user block, P_u = S_u V, then one per item block,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -33,6 +32,7 @@ from mf_dist.settings import TrainSettings, XProducts
 from mf_dist.solvers.normal_equations import csr_matrix
 from mf_dist.storage.ingested import IngestResult
 from mf_dist.storage.tiles import CooccurrenceResult
+from mf_dist.trainers.base import TaskSubmitter
 from mf_dist.trainers.ratings_sides import SideEntries, load_ratings_sides
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class LikedGramProducts:
         self, client: Client, ingest: IngestResult, device: str, resources: dict[str, float] | None
     ) -> None:
         self.client = client
-        self.resources = resources
+        self._submit = TaskSubmitter(client, resources)
         sides = load_ratings_sides(client, ingest, liked_only=True, resources=resources)
         self.n_likes = sides.n_entries
         self.user_blocks = [
@@ -141,9 +141,6 @@ class LikedGramProducts:
             self._submit(ResidentLikes, e, ingest.n_users, device) for e in sides.item_blocks()
         ]
         self.counts = [self._submit(like_counts, block) for block in self.item_blocks]
-
-    def _submit(self, function: Callable, *args: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False)
 
     def total(self) -> float:
         """Σ_ij X_ij (diagonal included) = Σ_u (likes of u)²."""

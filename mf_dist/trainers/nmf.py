@@ -27,36 +27,38 @@ in scikit-learn's ``_fit_multiplicative_update``:
 The loss ‖X‖² − 2 tr(WᵀXH) + ⟨WᵀW, HᵀH⟩ of the updated factors therefore
 costs no product beyond the two the updates need, and the next epoch reuses
 HᵀH. Factors are float32 on the workers; Grams and sums are float64.
+
+Both solvers' trainers live in this one module, :class:`NMFMultiplicative`
+and :class:`NMFGradient`: they share the targets, the sweeps and the loss,
+and differ only in the row update (:mod:`mf_dist.models.nmf`) and the advice
+on divergence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from distributed import Client, Future
+from distributed import Future
 
-from mf_dist.blocks import BlockGrid
+from mf_dist.blocks import BlockGrid, RowBlock
 from mf_dist.models import nmf as objective
 from mf_dist.runtime.cluster import compute_device
-from mf_dist.settings import TrainSettings
-from mf_dist.solvers.gradient import RowBlock
-from mf_dist.storage.factor_files import FactorTable, block_seed
+from mf_dist.solvers.rows import gram
 from mf_dist.storage.ingested import IngestResult
 from mf_dist.storage.tiles import CooccurrenceResult, load_cooccurrence_result
-from mf_dist.trainers.cooccurrence import (
+from mf_dist.trainers.base import TaskSubmitter, Trainer, TrainingInputs
+from mf_dist.trainers.cooccurrence_tiles import (
     ResidentTile,
-    as_row_block,
+    load_resident_tiles,
     load_tile_tensors,
-    pick,
-    sum_tensors,
+    tile_product_parts,
 )
-from mf_dist.trainers.cooccurrence_als import TileKey, tile_product_parts
 from mf_dist.trainers.epoch_loop import Measurement
 from mf_dist.trainers.liked_products import LikedGramProducts, liked_products_if_cheaper
+from mf_dist.trainers.tasks import pick, sum_picked, sum_tensors
 
 
 def read_diagonal_block(path: str, start: int, stop: int) -> torch.Tensor:
@@ -97,17 +99,13 @@ def update_block(
     Returns (new block, its Gram, ⟨new block, (XH)_b⟩).
     """
     device = compute_device(device_preference)
-    f, gram = vectors.to(device), other_gram.to(device)
+    f, other = vectors.to(device), other_gram.to(device)
     cross = sum_tensors(*cross_parts).to(device) if cross_parts else torch.zeros_like(f)
     if solver == "mu":
-        new = objective.multiplicative_rows(f, cross, gram)
+        new = objective.multiplicative_rows(f, cross, other)
     else:
-        new = objective.projected_gradient_rows(f, cross, gram, learning_rate)
-    return new.cpu(), objective.gram(new).cpu(), float(objective.block_inner(new, cross))
-
-
-def block_gram(vectors: torch.Tensor) -> torch.Tensor:
-    return objective.gram(vectors)
+        new = objective.projected_gradient_rows(f, cross, other, learning_rate)
+    return new.cpu(), gram(new).cpu(), float(objective.block_inner(new, cross))
 
 
 def nonnegative_vectors(block: RowBlock) -> torch.Tensor:
@@ -120,57 +118,35 @@ def nonnegative_vectors(block: RowBlock) -> torch.Tensor:
     return block.vectors.abs()
 
 
-def sum_picked(index: int, *results: tuple) -> object:
-    """Σ of element ``index`` of each result tuple, in order (one task instead of a pick per block)."""
-    picked = [r[index] for r in results]
-    return sum_tensors(*picked) if isinstance(picked[0], torch.Tensor) else float(sum(picked))
-
-
 class CooccurrenceTarget:
     """X = SᵀS with its diagonal, as resident tiles plus diagonal blocks; rows and columns are items."""
 
     names = ("items", "contexts")
 
-    def __init__(
-        self,
-        client: Client,
-        cooccurrence: CooccurrenceResult,
-        device: str,
-        resources: dict[str, float] | None,
-    ) -> None:
-        self.client = client
-        self.resources = resources
+    def __init__(self, submit: TaskSubmitter, cooccurrence: CooccurrenceResult, device: str) -> None:
+        self.submit = submit
         self.row_grid = self.col_grid = cooccurrence.item_grid
         self.n_rows = self.n_cols = cooccurrence.n_items
-        grid = self.row_grid
-        self.tiles: dict[TileKey, Future] = {
-            (info.row_block, info.col_block): self._submit(
-                load_tile_tensors, info, (grid.size(info.row_block), grid.size(info.col_block)), device
-            )
-            for info in cooccurrence.tiles
-        }
+        self.tiles = load_resident_tiles(submit, cooccurrence, load_tile_tensors, device)
         self.diagonal = [
-            self._submit(read_diagonal_block, str(cooccurrence.diagonal_path), start, stop)
-            for _, start, stop in grid
+            submit(read_diagonal_block, str(cooccurrence.diagonal_path), start, stop)
+            for _, start, stop in self.row_grid
         ]
-        diagonal_sums = client.gather([self._submit(squared_sum, d) for d in self.diagonal])
+        diagonal_sums = submit.client.gather([submit(squared_sum, d) for d in self.diagonal])
         self.diagonal_total = sum(s for s, _ in diagonal_sums)
         self.squared_norm = cooccurrence.offdiagonal_sum_of_squares + sum(q for _, q in diagonal_sums)
 
-    def _submit(self, function: Callable, *args: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False)
-
     def mean(self) -> float:
         """mean(X) over all n² entries, off-diagonal tiles counted for their transpose too."""
-        totals = self.client.gather([self._submit(tile_total, tile) for tile in self.tiles.values()])
+        totals = self.submit.client.gather([self.submit(tile_total, tile) for tile in self.tiles.values()])
         off = sum(t * (1 if b == c else 2) for (b, c), t in zip(self.tiles, totals, strict=True))
         return (off + self.diagonal_total) / max(1, self.n_rows * self.n_cols)
 
     def forward(self, vectors: list[Future]) -> list[list[Future]]:
         """The parts of (X V)_b for every block of V (X symmetric: also of Xᵀ V)."""
-        parts = tile_product_parts(self.client, self.tiles, vectors, self.resources, torch.float32)
+        parts = tile_product_parts(self.submit, self.tiles, vectors, torch.float32)
         for part, d, v in zip(parts, self.diagonal, vectors, strict=True):
-            part.append(self._submit(diagonal_part, d, v))
+            part.append(self.submit(diagonal_part, d, v))
         return parts
 
     backward = forward
@@ -181,12 +157,13 @@ class LikedCooccurrenceTarget:
 
     names = ("items", "contexts")
 
-    def __init__(self, client: Client, cooccurrence: CooccurrenceResult, products: LikedGramProducts) -> None:
-        self.client = client
+    def __init__(
+        self, submit: TaskSubmitter, cooccurrence: CooccurrenceResult, products: LikedGramProducts
+    ) -> None:
         self.products = products
         self.row_grid = self.col_grid = cooccurrence.item_grid
         self.n_rows = self.n_cols = cooccurrence.n_items
-        diagonal = client.gather([client.submit(squared_sum, d) for d in products.counts])
+        diagonal = submit.client.gather([submit(squared_sum, d, anywhere=True) for d in products.counts])
         self.squared_norm = cooccurrence.offdiagonal_sum_of_squares + sum(q for _, q in diagonal)
 
     def mean(self) -> float:
@@ -204,10 +181,8 @@ class RatingsTarget:
 
     names = ("users", "items")
 
-    def __init__(
-        self, client: Client, ingest: IngestResult, device: str, resources: dict[str, float] | None
-    ) -> None:
-        self.products = LikedGramProducts(client, ingest, device, resources)
+    def __init__(self, submit: TaskSubmitter, ingest: IngestResult, device: str) -> None:
+        self.products = LikedGramProducts(submit.client, ingest, device, submit.resources)
         self.row_grid, self.col_grid = ingest.user_grid, ingest.item_grid
         self.n_rows, self.n_cols = ingest.n_users, ingest.n_items
         # Binary S: ‖S‖² is the number of liked (user, item) pairs, unique after ingest.
@@ -228,47 +203,43 @@ class RatingsTarget:
 Target = CooccurrenceTarget | LikedCooccurrenceTarget | RatingsTarget
 
 
-class NMFModel:
-    """W Hᵀ ≈ X by whole-matrix alternating updates on row blocks; see the module docstring."""
+class NMFTrainer(Trainer):
+    """W Hᵀ ≈ X by whole-matrix alternating updates on row blocks; a subclass names the row update."""
 
-    def __init__(
-        self,
-        client: Client,
-        target: Target,
-        settings: TrainSettings,
-        resources: dict[str, float] | None,
-        initial: dict[str, list[Future]] | None = None,
-    ) -> None:
-        self.client = client
-        self.target = target
-        self.settings = settings
-        self.resources = resources
-        self.norm = max(target.squared_norm, 1e-300)
-        initial = initial or {}
-        row_name, col_name = target.names
+    solver: ClassVar[str]
+    """The row update of :func:`update_block`: ``mu`` (multiplicative) or ``gradient`` (projected)."""
+
+    def __init__(self, inputs: TrainingInputs) -> None:
+        super().__init__(inputs)
+        self.target = self._target(inputs)
+        self.norm = max(self.target.squared_norm, 1e-300)
+        row_name, col_name = self.target.names
         self._scale: float | None = None
-        self.w = self._start(initial.get(row_name), target.row_grid, 0)
-        self.h = self._start(initial.get(col_name), target.col_grid, 1)
+        self.w = self._start(inputs.initial.get(row_name), self.target.row_grid, 0)
+        self.h = self._start(inputs.initial.get(col_name), self.target.col_grid, 1)
         self.h_gram: Future | None = None
 
-    def _submit(self, function: Callable, *args: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False)
+    def _target(self, inputs: TrainingInputs) -> Target:
+        """The X that ``settings.target`` names, its products from the tiles or the likes."""
+        settings = self.settings
+        if settings.target == "ratings":
+            return RatingsTarget(self._submit, self.ingest, settings.device)
+        cooccurrence = load_cooccurrence_result(inputs.work_dir)
+        liked = liked_products_if_cheaper(self.client, self.ingest, cooccurrence, settings, self.resources)
+        if liked is None:
+            return CooccurrenceTarget(self._submit, cooccurrence, settings.device)
+        return LikedCooccurrenceTarget(self._submit, cooccurrence, liked)
 
-    def _start(self, blocks: list[Future] | None, grid: BlockGrid, side: int) -> list[Future]:
-        if blocks:
-            return [self._submit(nonnegative_vectors, b) for b in blocks]
+    def _initial_scale(self) -> float:
         if self._scale is None:
             self._scale = objective.initial_scale(self.target.mean(), self.settings.rank)
-        return [
-            self._submit(
-                objective.initial_factor,
-                stop - start,
-                self.settings.rank,
-                self._scale,
-                block_seed(self.settings.seed, 0, side, block),
-            )
-            for block, start, stop in grid
-        ]
+        return self._scale
+
+    def _start(self, blocks: list[Future] | None, grid: BlockGrid, side: int) -> list[Future]:
+        """W or H: the given blocks made feasible, or a random start scale · |N(0, 1)|."""
+        # ``or`` draws the scale (a pass over X) only when a side starts at random.
+        blocks = blocks or self._random_blocks(grid, self._initial_scale(), side)
+        return [self._submit(nonnegative_vectors, b) for b in blocks]
 
     def _sweep(
         self, blocks: list[Future], cross_parts: list[list[Future]], other_gram: Future
@@ -276,7 +247,7 @@ class NMFModel:
         """Update every block given the other side: (new blocks, their summed Gram, Σ inner products)."""
         s = self.settings
         updates = [
-            self._submit(update_block, v, other_gram, s.solver, s.learning_rate, s.device, *parts)
+            self._submit(update_block, v, other_gram, self.solver, s.learning_rate, s.device, *parts)
             for v, parts in zip(blocks, cross_parts, strict=True)
         ]
         new = [self._submit(pick, u, 0) for u in updates]
@@ -284,7 +255,7 @@ class NMFModel:
 
     def run_epoch(self, epoch: int) -> list[Measurement]:
         if self.h_gram is None:
-            self.h_gram = self._submit(sum_tensors, *[self._submit(block_gram, h) for h in self.h])
+            self.h_gram = self._submit(sum_tensors, *[self._submit(gram, h) for h in self.h])
         self.w, w_gram, _ = self._sweep(self.w, self.target.forward(self.h), self.h_gram)
         self.h, self.h_gram, inner = self._sweep(self.h, self.target.backward(self.w), w_gram)
         inner_value, w_gram_value, h_gram_value = self.client.gather([inner, w_gram, self.h_gram])
@@ -298,55 +269,30 @@ class NMFModel:
         )
         return [Measurement(epoch, loss, {"relative_loss": loss / self.norm})]
 
-    def finish(self) -> list[Measurement]:
-        return []
-
-    def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
+    def _tables(self) -> dict[str, tuple[BlockGrid, list[Future]]]:
         row_name, col_name = self.target.names
         return {
-            row_name: (self._layout(row_name, self.target.row_grid), self._row_blocks(self.w)),
-            col_name: (self._layout(col_name, self.target.col_grid), self._row_blocks(self.h)),
+            row_name: (self.target.row_grid, self._as_row_blocks(self.w)),
+            col_name: (self.target.col_grid, self._as_row_blocks(self.h)),
         }
 
-    def _row_blocks(self, vectors: list[Future]) -> list[Future]:
-        return [self._submit(as_row_block, v, None) for v in vectors]
 
-    def _layout(self, name: str, grid: BlockGrid) -> FactorTable:
-        return FactorTable(
-            name=name,
-            directory="",
-            n_rows=grid.n_rows,
-            block_size=grid.block_size,
-            rank=self.settings.rank,
-            has_bias=False,
-        )
+class NMFMultiplicative(NMFTrainer):
+    """NMF by Lee–Seung multiplicative updates (``--solver mu``)."""
+
+    solver = "mu"
 
     def divergence_advice(self) -> str:
-        if self.settings.solver == "gradient":
-            return (
-                f"lower --learning-rate (now {self.settings.learning_rate}); "
-                "at 2 or below a projected-gradient step never raises the loss"
-            )
         return "multiplicative updates stay finite on finite data: check the input for counts beyond float32"
 
 
-def build_nmf(
-    client: Client,
-    work_dir: str | Path,
-    ingest: IngestResult,
-    settings: TrainSettings,
-    resources: dict[str, float] | None,
-    initial: dict[str, list[Future]] | None,
-) -> NMFModel:
-    """The NMF model on the target ``settings.target`` names (co-occurrence tiles or liked entries)."""
-    target: Target
-    if settings.target == "cooccurrence":
-        cooccurrence = load_cooccurrence_result(work_dir)
-        liked = liked_products_if_cheaper(client, ingest, cooccurrence, settings, resources)
-        if liked is None:
-            target = CooccurrenceTarget(client, cooccurrence, settings.device, resources)
-        else:
-            target = LikedCooccurrenceTarget(client, cooccurrence, liked)
-    else:
-        target = RatingsTarget(client, ingest, settings.device, resources)
-    return NMFModel(client, target, settings, resources, initial)
+class NMFGradient(NMFTrainer):
+    """NMF by projected gradient steps of learning_rate / λ_max(Gram) (``--solver gradient``)."""
+
+    solver = "gradient"
+
+    def divergence_advice(self) -> str:
+        return (
+            f"lower --learning-rate (now {self.settings.learning_rate}); "
+            "at 2 or below a projected-gradient step never raises the loss"
+        )

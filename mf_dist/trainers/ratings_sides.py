@@ -31,9 +31,10 @@ from torch import Tensor
 
 from mf_dist.blocks import BlockGrid, row_pieces
 from mf_dist.errors import ConfigError
-from mf_dist.solvers.gradient import RowBlock
 from mf_dist.storage.ingested import IngestResult, liked_mask
+from mf_dist.trainers.base import TaskSubmitter
 from mf_dist.trainers.piece_placement import least_loaded_placement
+from mf_dist.trainers.tasks import pick
 
 RowRange = tuple[int, int]
 
@@ -108,10 +109,6 @@ def split_by_item_ranges(entries: SideEntries, user_start: int, bounds: np.ndarr
         )
         for p, (first, last) in enumerate(itertools.pairwise(offsets))
     ]
-
-
-def pick(sequence: list | tuple, index: int) -> object:
-    return sequence[index]
 
 
 def merge_pieces(n_rows: int, *pieces: SideEntries) -> SideEntries:
@@ -276,7 +273,7 @@ def load_ratings_sides(
     ]
     item_places = submit.places([int(item_counts[a:b].sum()) for a, b in item_pieces])
     merged = [
-        submit(merge_pieces, place, b - a, *[client.submit(pick, cut, q, pure=False) for cut in splits])
+        submit(merge_pieces, place, b - a, *[submit.anywhere(pick, cut, q) for cut in splits])
         for q, ((a, b), place) in enumerate(zip(item_pieces, item_places, strict=True))
     ]
     return RatingsSides(
@@ -295,11 +292,10 @@ def _grouped_like(flat: list, groups: list[list]) -> list[list]:
 
 
 class _PlacedSubmitter:
-    """``client.submit`` with the training resources and a preferred worker (or none)."""
+    """Training tasks (:class:`~mf_dist.trainers.base.TaskSubmitter`) with a preferred worker, or none."""
 
     def __init__(self, client: Client, resources: dict[str, float] | None) -> None:
-        self.client = client
-        self.resources = resources
+        self.submit = TaskSubmitter(client, resources)
         # Not under resource restrictions: when a preferred worker has left,
         # Dask's fallback for a loose preference ignores them, and a task
         # could wait forever on a worker without the resource.
@@ -312,36 +308,9 @@ class _PlacedSubmitter:
         return list(least_loaded_placement(dict.fromkeys(self.workers, 0), sizes))
 
     def __call__(self, function: Callable, place: str | None, *args: object) -> Future:
-        where = {"workers": [place], "allow_other_workers": True} if place else {}
-        return self.client.submit(function, *args, resources=self.resources, pure=False, **where)
+        where: dict[str, object] = {"workers": [place], "allow_other_workers": True} if place else {}
+        return self.submit(function, *args, **where)
 
-
-def concatenate_vectors(*blocks: RowBlock) -> Tensor:
-    """The whole side's vectors (rows × k) from its row blocks, in block order."""
-    return torch.cat([b.vectors for b in blocks])
-
-
-def concatenate_bias(*blocks: RowBlock) -> Tensor:
-    return torch.cat([b.bias if b.bias is not None else torch.zeros(b.n_rows) for b in blocks])
-
-
-def random_row_block(n_rows: int, rank: int, scale: float, seed: int, with_bias: bool) -> RowBlock:
-    """A fresh row block: N(0, scale²) vectors, zero biases; the seed comes from block coordinates."""
-    generator = torch.Generator().manual_seed(seed)
-    return RowBlock(
-        vectors=torch.randn(n_rows, rank, generator=generator) * scale,
-        bias=torch.zeros(n_rows) if with_bias else None,
-    )
-
-
-def block_gram(block: RowBlock) -> Tensor:
-    """VᵀV of one row block in float64 (k × k), so that block sums stay exact."""
-    v = block.vectors.double()
-    return v.T @ v
-
-
-def sum_tensors(*tensors: Tensor) -> Tensor:
-    total = tensors[0].clone()
-    for tensor in tensors[1:]:
-        total += tensor
-    return total
+    def anywhere(self, function: Callable, *args: object) -> Future:
+        """A task that only unpacks a result: on any worker, placed by Dask."""
+        return self.submit(function, *args, anywhere=True)

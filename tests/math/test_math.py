@@ -11,8 +11,10 @@ import itertools
 import pytest
 import torch
 
+from mf_dist.blocks import RowBlock
 from mf_dist.models import cooccurrence, explicit
-from mf_dist.solvers.gradient import RowBlock, optimizer_step, sparse_adam_pass
+from mf_dist.solvers.gradient import optimizer_step, sparse_adam_pass
+from mf_dist.solvers.rows import gram
 
 N_ITEMS = 12
 SPLITS = {2: [0, 5, N_ITEMS], 3: [0, 4, 9, N_ITEMS]}
@@ -71,7 +73,7 @@ def blocked_problem(rank, dtype, split):
     v = random_factors(rank, dtype)
     x0v = x0.to(dtype) @ v
     blocks = list(itertools.pairwise(split))
-    g = sum(cooccurrence.gram(v[a:b]) for a, b in blocks)
+    g = sum(gram(v[a:b]) for a, b in blocks)
     return x, x0, v, x0v, blocks, g
 
 

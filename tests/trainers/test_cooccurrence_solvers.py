@@ -14,6 +14,7 @@ import torch
 from mf_dist.errors import ConfigError, TrainingError
 from mf_dist.models import cooccurrence, cooccurrence_weighted
 from mf_dist.settings import TrainSettings
+from mf_dist.solvers.rows import gram
 from mf_dist.stages.cooccur import cooccurrence_blocks
 from mf_dist.stages.ingest import ingest_ratings
 from mf_dist.stages.train import train_factors
@@ -122,9 +123,7 @@ def test_block_gauss_seidel_never_increases_the_loss(dtype, layout):
                 tile = x0[a:b, a:b]
                 tile_arg = {"dense": tile, "csr": tile.to_sparse_csr(), "none": None}[layout]
                 external = (x0 @ v.double())[a:b] - tile @ v[a:b].double()
-                new, change, step = cooccurrence.als_block_update(
-                    v[a:b], cooccurrence.gram(v), external, tile_arg, 1e-6
-                )
+                new, change, step = cooccurrence.als_block_update(v[a:b], gram(v), external, tile_arg, 1e-6)
                 assert new.dtype == dtype and 0 <= step <= 1 and change <= 0
                 v = v.clone()
                 v[a:b] = new

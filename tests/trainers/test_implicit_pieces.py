@@ -15,10 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mf_dist.blocks import BlockGrid, row_pieces
+from mf_dist.blocks import BlockGrid, RowBlock, row_pieces
 from mf_dist.errors import ConfigError
 from mf_dist.models import implicit
-from mf_dist.solvers.gradient import RowBlock
 from mf_dist.stages.ingest import ingest_ratings
 from mf_dist.storage.ingested import liked_mask
 from mf_dist.trainers.implicit import other_side

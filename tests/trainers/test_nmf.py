@@ -17,6 +17,7 @@ from mf_dist.errors import TrainingError
 from mf_dist.models import nmf
 from mf_dist.settings import TrainSettings
 from mf_dist.solvers.multiplicative import EPSILON, multiplicative_update
+from mf_dist.solvers.rows import gram
 from mf_dist.stages.cooccur import cooccurrence_blocks
 from mf_dist.stages.ingest import ingest_ratings
 from mf_dist.stages.train import train_factors
@@ -44,15 +45,15 @@ def dense_loss(x, w, h) -> float:
 
 def mu_step(x, w, h):
     """One whole update, W then H, through the row-block functions (two W blocks)."""
-    h_gram = nmf.gram(h)
+    h_gram = gram(h)
     cross = x @ h
     w = torch.cat([nmf.multiplicative_rows(w[a:b], cross[a:b], h_gram) for a, b in ((0, 3), (3, len(w)))])
-    return w, nmf.multiplicative_rows(h, x.T @ w, nmf.gram(w))
+    return w, nmf.multiplicative_rows(h, x.T @ w, gram(w))
 
 
 def pg_step(x, w, h, learning_rate):
-    w = nmf.projected_gradient_rows(w, x @ h, nmf.gram(h), learning_rate)
-    return w, nmf.projected_gradient_rows(h, x.T @ w, nmf.gram(w), learning_rate)
+    w = nmf.projected_gradient_rows(w, x @ h, gram(h), learning_rate)
+    return w, nmf.projected_gradient_rows(h, x.T @ w, gram(w), learning_rate)
 
 
 def test_multiplicative_update_never_increases_the_loss():
@@ -72,7 +73,7 @@ def test_multiplicative_update_keeps_zero_columns_finite():
     """A zero column of H gives a zero denominator: the update yields 0 there, not NaN (sklearn's EPSILON)."""
     x, w, h = random_problem(3)
     h[:, 1] = 0
-    w_new = nmf.multiplicative_rows(w, x @ h, nmf.gram(h))
+    w_new = nmf.multiplicative_rows(w, x @ h, gram(h))
     assert torch.isfinite(w_new).all()
     assert (w_new[:, 1] == 0).all()
     out = multiplicative_update(torch.ones(2), torch.zeros(2), torch.zeros(2))
@@ -114,8 +115,8 @@ def test_blocked_loss_matches_dense():
         cross = x @ h
         splits = [(0, 2), (2, 7), (7, 9)]
         inner = sum(nmf.block_inner(w[a:b], cross[a:b]) for a, b in splits)
-        w_gram = sum(nmf.gram(w[a:b]) for a, b in splits)
-        h_gram = sum(nmf.gram(h[a:b]) for a, b in ((0, 4), (4, 6)))
+        w_gram = sum(gram(w[a:b]) for a, b in splits)
+        h_gram = sum(gram(h[a:b]) for a, b in ((0, 4), (4, 6)))
         loss = nmf.total_loss(float((x**2).sum()), inner, w_gram, h_gram)
         assert float(loss) == pytest.approx(dense_loss(x, w, h), rel=1e-12)
 

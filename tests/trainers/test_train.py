@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from mf_dist.blocks import RowBlock
 from mf_dist.errors import ConfigError, TrainingError
 from mf_dist.registry import MODELS
-from mf_dist.solvers.gradient import RowBlock
 from mf_dist.stages.cooccur import cooccurrence_blocks
 from mf_dist.stages.ingest import ingest_ratings
 from mf_dist.stages.train import train_factors

@@ -16,26 +16,23 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
 
 import pyarrow.parquet as pq
 import torch
-from distributed import Client, Future
+from distributed import Future
 
-from mf_dist.blocks import BlockGrid, dsgd_strata
+from mf_dist.blocks import BlockGrid, RowBlock, dsgd_strata
 from mf_dist.models import explicit as objective
 from mf_dist.runtime.cluster import compute_device
-from mf_dist.settings import TrainSettings
-from mf_dist.solvers.gradient import RowBlock, sparse_adam_pass
-from mf_dist.storage.factor_files import FactorTable, block_seed
-from mf_dist.storage.ingested import IngestResult
+from mf_dist.solvers.gradient import sparse_adam_pass
+from mf_dist.storage.factor_files import block_seed
+from mf_dist.trainers.base import TrainingInputs, UserItemTrainer
 from mf_dist.trainers.epoch_loop import Measurement
+from mf_dist.trainers.tasks import pick
 
 logger = logging.getLogger(__name__)
 
 RatingsBlock = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-INITIAL_SCALE = 0.1
 
 
 def load_ratings_blocks(path: str, user_start: int, item_grid: BlockGrid) -> list[RatingsBlock]:
@@ -51,20 +48,8 @@ def load_ratings_blocks(path: str, user_start: int, item_grid: BlockGrid) -> lis
     return blocks
 
 
-def pick(sequence: tuple | list, index: int) -> object:
-    return sequence[index]
-
-
 def ratings_count(block: RatingsBlock) -> int:
     return len(block[2])
-
-
-def initial_row_block(n_rows: int, rank: int, seed: int) -> RowBlock:
-    generator = torch.Generator().manual_seed(seed)
-    return RowBlock(
-        vectors=torch.randn(n_rows, rank, generator=generator) * INITIAL_SCALE,
-        bias=torch.zeros(n_rows),
-    )
 
 
 def train_ratings_block(
@@ -101,24 +86,17 @@ def train_ratings_block(
     return new_users, new_items, (total, squared_error)
 
 
-class ExplicitGradient:
+class ExplicitGradient(UserItemTrainer):
     """Explicit ratings by mini-batch sparse Adam/Adagrad in DSGD strata (module docstring)."""
 
-    def __init__(
-        self,
-        client: Client,
-        ingest: IngestResult,
-        settings: TrainSettings,
-        resources: dict[str, float] | None,
-        initial: dict[str, list[Future]] | None = None,
-    ) -> None:
-        self.client = client
-        self.ingest = ingest
-        self.settings = settings
-        self.resources = resources
-        user_grid, item_grid = ingest.user_grid, ingest.item_grid
+    has_bias = True
+    initial_scale = 0.1
+
+    def __init__(self, inputs: TrainingInputs) -> None:
+        super().__init__(inputs)
+        user_grid, item_grid = self.ingest.user_grid, self.ingest.item_grid
         per_user_block = [
-            self._submit(load_ratings_blocks, str(ingest.ratings_path(p)), start, item_grid)
+            self._submit(load_ratings_blocks, str(self.ingest.ratings_path(p)), start, item_grid)
             for p, start, _ in user_grid
         ]
         self.ratings = {
@@ -126,25 +104,11 @@ class ExplicitGradient:
             for p in range(user_grid.n_blocks)
             for q in range(item_grid.n_blocks)
         }
-        counts = client.gather([client.submit(ratings_count, block) for block in self.ratings.values()])
+        counts = self.client.gather(
+            [self._submit(ratings_count, block, anywhere=True) for block in self.ratings.values()]
+        )
         self.sizes = dict(zip(self.ratings, counts, strict=True))
-        initial = initial or {}
-        self.users = initial.get("users") or [
-            self._submit(
-                initial_row_block, stop - start, settings.rank, block_seed(settings.seed, 0, 0, block)
-            )
-            for block, start, stop in user_grid
-        ]
-        self.items = initial.get("items") or [
-            self._submit(
-                initial_row_block, stop - start, settings.rank, block_seed(settings.seed, 0, 1, block)
-            )
-            for block, start, stop in item_grid
-        ]
         self.strata = dsgd_strata(user_grid.n_blocks, item_grid.n_blocks)
-
-    def _submit(self, function: Callable, *args: object, **kwargs: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False, **kwargs)
 
     def run_epoch(self, epoch: int) -> list[Measurement]:
         """One pass over every block in DSGD strata; the loss is summed over batches before their steps."""
@@ -167,33 +131,11 @@ class ExplicitGradient:
                     seed=block_seed(s.seed, epoch, p, q),
                     device_preference=s.device,
                 )
-                self.users[p] = self.client.submit(pick, result, 0)
-                self.items[q] = self.client.submit(pick, result, 1)
-                sums.append(self.client.submit(pick, result, 2))
+                self.users[p] = self._submit(pick, result, 0, anywhere=True)
+                self.items[q] = self._submit(pick, result, 1, anywhere=True)
+                sums.append(self._submit(pick, result, 2, anywhere=True))
         totals = self.client.gather(sums)
         n = max(1, self.ingest.n_ratings)
         loss = sum(t[0] for t in totals) / n
         rmse = math.sqrt(sum(t[1] for t in totals) / n)
         return [Measurement(epoch, loss, {"train_rmse": rmse})]
-
-    def finish(self) -> list[Measurement]:
-        return []
-
-    def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
-        return {
-            "users": (self._layout("users", self.ingest.n_users), self.users),
-            "items": (self._layout("items", self.ingest.n_items), self.items),
-        }
-
-    def _layout(self, name: str, n_rows: int) -> FactorTable:
-        return FactorTable(
-            name=name,
-            directory="",
-            n_rows=n_rows,
-            block_size=self.ingest.block_size,
-            rank=self.settings.rank,
-            has_bias=True,
-        )
-
-    def divergence_advice(self) -> str:
-        return f"lower --learning-rate (now {self.settings.learning_rate})"

@@ -11,34 +11,29 @@ The loss and its gradient are sums over the non-zeros of X₀
 
 Each tile's weights f(X) and targets t are computed once, when the tile is
 loaded, and stay resident beside it. Only factor blocks and gradients travel;
-the driver sees scalars. As in :class:`~mf_dist.trainers.cooccurrence.CooccurrenceGradient`
+the driver sees scalars. As in :class:`~mf_dist.trainers.cooccurrence_gradient.CooccurrenceGradient`
 the loss of an epoch is measured at the factors before its step, and the
-last one by :meth:`CooccurrenceWeighted.finish`.
+last one by :meth:`CooccurrenceWeightedGradient.finish`. The registry names
+the squared loss's trainer for the gradient solver; its
+:meth:`~mf_dist.trainers.base.Trainer.build` returns this one for ``--loss weighted``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import scipy.sparse as sp
 import torch
-from distributed import Client, Future
+from distributed import Future
 
+from mf_dist.blocks import OptimizerState
 from mf_dist.models import cooccurrence_weighted as objective
 from mf_dist.runtime.cluster import compute_device
-from mf_dist.settings import TrainSettings
-from mf_dist.solvers.gradient import OptimizerState, optimizer_step
-from mf_dist.storage.factor_files import FactorTable, block_seed
-from mf_dist.storage.tiles import CooccurrenceResult, TileInfo, load_tile
-from mf_dist.trainers.cooccurrence import (
-    as_row_block,
-    block_state,
-    block_vectors,
-    initial_block,
-    pick,
-)
+from mf_dist.solvers.gradient import optimizer_step
+from mf_dist.storage.tiles import TileInfo, load_tile
+from mf_dist.trainers.base import CooccurrenceTrainer, TrainingInputs
+from mf_dist.trainers.cooccurrence_tiles import load_resident_tiles
 from mf_dist.trainers.epoch_loop import Measurement
+from mf_dist.trainers.tasks import pick
 
 
 class WeightedTile:
@@ -46,7 +41,7 @@ class WeightedTile:
 
     Dense tiles keep B_b × B_c weight and target matrices (zero where X is);
     sparse ones keep the entries' (row, col, f, t). Like
-    :class:`~mf_dist.trainers.cooccurrence.ResidentTile` it travels as the
+    :class:`~mf_dist.trainers.cooccurrence_tiles.ResidentTile` it travels as the
     source arrays and is rebuilt where it lands, and reports its real size.
     """
 
@@ -148,63 +143,38 @@ def total_loss(*terms: tuple[float, torch.Tensor, torch.Tensor]) -> float:
     return float(sum(term[0] for term in terms))
 
 
-class CooccurrenceWeighted:
+class CooccurrenceWeightedGradient(CooccurrenceTrainer):
     """Full-batch optimiser steps on V under the weighted loss; see the module docstring."""
 
-    def __init__(
-        self,
-        client: Client,
-        cooccurrence: CooccurrenceResult,
-        settings: TrainSettings,
-        resources: dict[str, float] | None,
-        initial: dict[str, list[Future]] | None = None,
-    ) -> None:
-        self.client = client
-        self.settings = settings
-        self.grid = cooccurrence.item_grid
-        self.resources = resources
-        s = settings
-        self.tiles = {
-            (info.row_block, info.col_block): self._submit(
-                load_weighted_tile,
-                info,
-                (self.grid.size(info.row_block), self.grid.size(info.col_block)),
-                s.weight_x_max,
-                s.weight_power,
-                s.log_target,
-                s.device,
-            )
-            for info in cooccurrence.tiles
-        }
-        moments = client.gather(
+    def __init__(self, inputs: TrainingInputs) -> None:
+        super().__init__(inputs)
+        s = self.settings
+        self.tiles = load_resident_tiles(
+            self._submit,
+            self.cooccurrence,
+            load_weighted_tile,
+            s.weight_x_max,
+            s.weight_power,
+            s.log_target,
+            s.device,
+        )
+        moments = self.client.gather(
             [self._submit(target_moments, tile, self._multiplicity(key)) for key, tile in self.tiles.items()]
         )
         # The loss at V = 0: what "relative_loss" is measured against.
         self.norm = max(sum(m[0] for m in moments), 1e-300)
-        self.scale = objective.initial_scale(sum(m[1] for m in moments), sum(m[2] for m in moments), s.rank)
+        scale = objective.initial_scale(sum(m[1] for m in moments), sum(m[2] for m in moments), s.rank)
         # Adam's steps are in the parameters' units: relative to the fitted
         # scale, one learning rate suits counts and log counts alike.
-        self.step_size = s.learning_rate * self.scale
-        if initial and "items" in initial:
-            self.vectors = [self._submit(block_vectors, b) for b in initial["items"]]
-            self.states: list[Future | None] = [self._submit(block_state, b) for b in initial["items"]]
-        else:
-            # Below the data's scale, like the squared-loss solver: the loss then
-            # starts near its value at V = 0 instead of about twice it.
-            start = 0.3 * self.scale
-            self.vectors = [
-                self._submit(initial_block, stop - begin, s.rank, start, block_seed(s.seed, 0, block))
-                for block, begin, stop in self.grid
-            ]
-            self.states = [None] * self.grid.n_blocks
+        self.step_size = s.learning_rate * scale
+        # Below the data's scale, like the squared-loss solver: the loss then
+        # starts near its value at V = 0 instead of about twice it.
+        self._start(inputs.initial, 0.3 * scale, with_states=True)
         self.updates_done = 0
 
     @staticmethod
     def _multiplicity(key: tuple[int, int]) -> int:
         return 1 if key[0] == key[1] else 2
-
-    def _submit(self, function: Callable, *args: object) -> Future:
-        return self.client.submit(function, *args, resources=self.resources, pure=False)
 
     def _tile_terms(self) -> dict[tuple[int, int], Future]:
         return {
@@ -217,9 +187,6 @@ class CooccurrenceWeighted:
     def _loss(self, terms: dict[tuple[int, int], Future]) -> float:
         return self._submit(total_loss, *terms.values()).result()
 
-    def _measure(self, epoch: int, loss: float) -> Measurement:
-        return Measurement(epoch, loss, {"relative_loss": loss / self.norm})
-
     def run_epoch(self, epoch: int) -> list[Measurement]:
         """One step on every block; the loss it measures is the one before the step (epoch − 1)."""
         terms = self._tile_terms()
@@ -231,6 +198,7 @@ class CooccurrenceWeighted:
             slots[c].append(2)
             parts[c].append(term)
         s = self.settings
+        assert self.states is not None
         updates = [
             self._submit(step_block, v, st, self.step_size, s.optimizer, s.device, tuple(slot), *part)
             for v, st, slot, part in zip(self.vectors, self.states, slots, parts, strict=True)
@@ -242,18 +210,3 @@ class CooccurrenceWeighted:
 
     def finish(self) -> list[Measurement]:
         return [self._measure(self.updates_done, self._loss(self._tile_terms()))]
-
-    def factor_blocks(self) -> dict[str, tuple[FactorTable, list[Future]]]:
-        layout = FactorTable(
-            name="items",
-            directory="",
-            n_rows=self.grid.n_rows,
-            block_size=self.grid.block_size,
-            rank=self.settings.rank,
-            has_bias=False,
-        )
-        blocks = [self._submit(as_row_block, v, st) for v, st in zip(self.vectors, self.states, strict=True)]
-        return {"items": (layout, blocks)}
-
-    def divergence_advice(self) -> str:
-        return f"lower --learning-rate (now {self.settings.learning_rate})"

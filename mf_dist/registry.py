@@ -100,7 +100,8 @@ class ModelSpec:
     summary: str
     solvers: dict[str, SolverSpec]
     defaults: ModelDefaults
-    tables: frozenset[str]
+    tables: Callable[[str], frozenset[str]]
+    """Given ``settings.target``: the names of the tables the model publishes."""
     needs_cooccurrence: Callable[[str], bool] = field(default=lambda target: False)
     """Given ``settings.target``: whether the model fits X = SᵀS (the co-occurrence stage must run)."""
     needs_ratings: bool = False
@@ -133,6 +134,11 @@ def model_spec(name: str) -> ModelSpec:
         raise KeyError(f"no model {name!r}; registered: {', '.join(MODELS)}") from None
 
 
+def _always(*tables: str) -> Callable[[str], frozenset[str]]:
+    """The same tables whatever the target."""
+    return lambda target: frozenset(tables)
+
+
 def _solvers(**trainers: str) -> dict[str, SolverSpec]:
     """Solver name → its spec, from ``"module:Class"`` under ``mf_dist.trainers``."""
     return {name: SolverSpec(name, f"mf_dist.trainers.{trainer}") for name, trainer in trainers.items()}
@@ -146,7 +152,7 @@ register(
             gradient="cooccurrence_gradient:CooccurrenceGradient", als="cooccurrence_als:CooccurrenceALS"
         ),
         defaults=ModelDefaults(epochs=60, learning_rate=0.1, rank=32, regularization=0.0),
-        tables=frozenset({"items"}),
+        tables=_always("items"),
         needs_cooccurrence=lambda target: True,
     )
 )
@@ -165,7 +171,7 @@ register(
             optimizer="adagrad",
             als_method="cholesky",
         ),
-        tables=frozenset({"users", "items"}),
+        tables=_always("users", "items"),
         needs_ratings=True,
         has_global_mean=True,
         holdout_metric="rating_errors",
@@ -177,7 +183,7 @@ register(
         summary="User and item vectors for implicit feedback, confidence-weighted (Hu, Koren, Volinsky).",
         solvers=_solvers(als="implicit:ImplicitALS", gradient="implicit:ImplicitGradient"),
         defaults=ModelDefaults(epochs=15, learning_rate=0.01, rank=32, regularization=0.1, als_method="cg"),
-        tables=frozenset({"users", "items"}),
+        tables=_always("users", "items"),
     )
 )
 # NMF's projected gradient steps learning_rate / λ_max(Gram): 1 is the classic
@@ -189,7 +195,9 @@ register(
         summary="Non-negative factors of X = SᵀS (items, contexts) or of S itself (users, items).",
         solvers=_solvers(mu="nmf:NMFMultiplicative", gradient="nmf:NMFGradient"),
         defaults=ModelDefaults(epochs=200, learning_rate=1.0, rank=32, regularization=0.0),
-        tables=frozenset({"items", "contexts", "users"}),
+        tables=lambda target: frozenset(
+            {"items", "contexts"} if target == "cooccurrence" else {"users", "items"}
+        ),
         needs_cooccurrence=lambda target: target == "cooccurrence",
     )
 )

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from mf_dist.config import load_config
 from mf_dist.flows.pipeline import PipelineSummary, factorization_pipeline
+from mf_dist.registry import MODELS
 from mf_dist.storage.schema import FORMAT_VERSION, embedding_table_schema
 
 MANIFEST_KEYS = {
@@ -79,10 +80,10 @@ def test_published_tables_follow_the_contract(
         assert set(manifest) >= MANIFEST_KEYS
         assert manifest["format_version"] == FORMAT_VERSION
         assert (manifest["model"], manifest["rank"], manifest["table"]) == (model, 4, name)
-        assert [r["epoch"] for r in manifest["loss_history"]] == list(
-            range(0 if model == "cooccurrence" else 1, summary.epochs + 1)
-        )
-        schema = embedding_table_schema(id_column, pa.int64(), 4, with_bias=model == "explicit")
+        epochs = [r["epoch"] for r in manifest["loss_history"]]
+        assert epochs == list(range(epochs[0], summary.epochs + 1)) and epochs[0] in (0, 1)
+        with_bias = MODELS[model].has_global_mean
+        schema = embedding_table_schema(id_column, pa.int64(), 4, with_bias=with_bias)
         assert table.schema.remove_metadata().equals(schema), table.schema
         ids = table[id_column].to_numpy()
         assert len(np.unique(ids)) == len(ids) == manifest["row_count"]

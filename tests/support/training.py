@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from mf_dist.registry import model_spec
 from mf_dist.settings import TrainSettings
 
-# Few epochs, tiny data: enough for each solver to make clear progress.
+# Few epochs, tiny data: enough for each solver to make clear progress. A model
+# not named here gets a fifth of its default epochs (at least 3).
 EPOCHS = {"cooccurrence": 12, "explicit": 4, "implicit": 4, "nmf": 10}
+
+
+def few_epochs(model: str) -> int:
+    """Epochs of the trainer tests for ``model``."""
+    return EPOCHS.get(model, max(3, model_spec(model).defaults.epochs // 5))
+
 
 LEARNING_RATES = {
     ("cooccurrence", "gradient"): 0.1,
@@ -22,7 +30,7 @@ def settings(model, solver, **overrides):
         "model": model,
         "solver": solver,
         "rank": 4,
-        "epochs": EPOCHS[model],
+        "epochs": few_epochs(model),
         "learning_rate": LEARNING_RATES.get((model, solver), 0.05),
         "regularization": 0.05,
         "batch_size": 64,

@@ -23,17 +23,10 @@ from tests.support.training import factors, settings
 
 MODEL_SOLVER_PAIRS = sorted((spec.name, solver) for spec in MODELS.values() for solver in spec.solvers)
 
-TABLES = {
-    "cooccurrence": {"items"},
-    "explicit": {"users", "items"},
-    "implicit": {"users", "items"},
-    "nmf": {"items", "contexts"},
-}
 
-
-def prepare(client, source, work, model, like_threshold=None):
+def prepare(client, source, work, model, like_threshold=None, target="cooccurrence"):
     ingest = ingest_ratings(client, str(source), work, block_size=100, like_threshold=like_threshold)
-    if model in ("cooccurrence", "nmf"):
+    if MODELS[model].needs_cooccurrence(target):
         cooccurrence_blocks(client, ingest, work)
     return ingest
 
@@ -56,7 +49,7 @@ def test_loss_decreases_and_is_deterministic(clients, tmp_path, tiny_input, mode
     assert [r.loss for r in second.history] == losses
     for name, values in factors(second).items():
         np.testing.assert_array_equal(values, first_factors[name])
-    assert set(first_factors) == TABLES[model]
+    assert set(first_factors) == MODELS[model].tables(first.settings["target"])
     assert all(values.shape[1] == 4 for values in first_factors.values())
 
 

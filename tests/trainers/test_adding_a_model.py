@@ -23,7 +23,7 @@ TOY = ModelSpec(
     summary="Plain least squares on observed ratings (the worked example).",
     solvers={"gradient": SolverSpec("gradient", "tests.support.toy_model.trainer:ToyGradient")},
     defaults=ModelDefaults(epochs=12, learning_rate=0.006, rank=3, regularization=0.1),
-    tables=frozenset({"users", "items"}),
+    tables=lambda target: frozenset({"users", "items"}),
     needs_ratings=True,
 )
 

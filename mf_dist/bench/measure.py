@@ -48,6 +48,8 @@ class Timed:
     seconds: float
     quality_name: str
     quality: float
+    threads: int
+    """The cores the side was given: our worker processes × threads each, the reference's threads."""
     iterations: int = 1
     details: dict[str, float | int | str] = field(default_factory=dict)
 
@@ -73,6 +75,7 @@ def run_side_here(body: Callable[[SideContext], Timed], context: SideContext) ->
         implementation=timed.implementation,
         seconds=timed.seconds,
         iterations=timed.iterations,
+        threads=timed.threads,
         peak_process_bytes=memory.peak_process_bytes,
         peak_total_bytes=memory.peak_total_bytes,
         quality_name=timed.quality_name,

@@ -25,6 +25,9 @@ class SideResult(BaseModel):
     implementation: str
     seconds: float
     iterations: int = 1
+    threads: int = 0
+    """The cores it was given: our worker processes × threads each, or the reference's threads (0: not
+    recorded). Both sides get the same, except where a reference has no threads to give (scipy)."""
     peak_process_bytes: int
     peak_total_bytes: int
     quality_name: str
@@ -83,6 +86,7 @@ def print_report(report: BenchReport, console: Console) -> None:
         "ours s/it",
         "ref s/it",
         "ours/ref",
+        "threads ours / ref",
         "ours peak MiB proc / tree",
         "ref peak MiB proc / tree",
         "quality",
@@ -93,7 +97,7 @@ def print_report(report: BenchReport, console: Console) -> None:
     for result in report.suites:
         ours, reference = result.ours, result.reference
         if ours is None:
-            table.add_row(result.suite, result.scale, "–", "–", "", "", "", "", "", "")
+            table.add_row(result.suite, result.scale, "–", "–", "", "", "", "", "", "", "")
             continue
         table.add_row(
             result.suite,
@@ -101,6 +105,7 @@ def print_report(report: BenchReport, console: Console) -> None:
             f"{ours.seconds_per_iteration:.3g}",
             f"{reference.seconds_per_iteration:.3g}" if reference else "–",
             f"{result.ratio:.2f}" if result.ratio is not None else "",
+            f"{ours.threads} / {reference.threads}" if reference else f"{ours.threads}",
             f"{_mib(ours.peak_process_bytes)} / {_mib(ours.peak_total_bytes)}",
             f"{_mib(reference.peak_process_bytes)} / {_mib(reference.peak_total_bytes)}" if reference else "",
             ours.quality_name,

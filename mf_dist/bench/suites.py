@@ -52,7 +52,6 @@ from mf_dist.storage.tiles import load_cooccurrence_result
 from mf_dist.trainers.liked_products import choose_x_products
 
 HOLDOUT_SHARE = 0.2
-REFERENCE_THREADS = 2
 
 Variant = dict[str, int | float | str]
 """One variant's settings (``{"rank": 64}``); they label its table row and its side files."""
@@ -195,11 +194,20 @@ def ranking_recall(ingest: IngestResult, users: np.ndarray, items: np.ndarray, d
     return recall_sum / max(1, scored)
 
 
-def _limit_reference_threads() -> None:
-    torch.set_num_threads(REFERENCE_THREADS)
+def reference_threads(context: SideContext) -> int:
+    """The threads a reference gets: the cores our side uses (worker processes × threads each)."""
+    processes, threads = local_layout(context)
+    return processes * threads
+
+
+def _limit_reference_threads(context: SideContext) -> int:
+    """Limit torch and the BLAS/OpenMP pools of this process to :func:`reference_threads`; returns it."""
+    count = reference_threads(context)
+    torch.set_num_threads(count)
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(REFERENCE_THREADS)
+    threadpool_limits(count)
+    return count
 
 
 def warm_workers(client: Client) -> None:
@@ -291,6 +299,7 @@ def cooccurrence_ours(context: SideContext) -> Timed:
     return Timed(
         implementation=f"cooccurrence_blocks, {context.workers} local workers, best of {len(times)}",
         seconds=min(times),
+        threads=context.workers,
         quality_name="Σ X²(i≠j)",
         quality=result.offdiagonal_sum_of_squares,
         details={
@@ -318,6 +327,8 @@ def cooccurrence_reference(context: SideContext) -> Timed:
     return Timed(
         implementation=f"scipy S.T @ S (CSR, one process), best of {len(times)}",
         seconds=min(times),
+        # scipy's sparse product has no threads to give it.
+        threads=1,
         quality_name="Σ X²(i≠j)",
         quality=total,
         details={
@@ -365,6 +376,7 @@ def implicit_ours(context: SideContext) -> Timed:
     return Timed(
         implementation=f"implicit/als (CG, 3 steps), k={rank}, {layout_words(context)}",
         seconds=seconds,
+        threads=reference_threads(context),
         iterations=trained.epochs,
         quality_name="recall@10",
         quality=metrics["holdout_recall@10"],
@@ -377,7 +389,7 @@ def implicit_ours(context: SideContext) -> Timed:
 
 
 def implicit_reference(context: SideContext) -> Timed:
-    _limit_reference_threads()
+    threads = _limit_reference_threads(context)
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
@@ -399,7 +411,7 @@ def implicit_reference(context: SideContext) -> Timed:
         alpha=1.0,
         iterations=iterations,
         use_cg=True,
-        num_threads=REFERENCE_THREADS,
+        num_threads=threads,
         random_state=0,
         calculate_training_loss=False,
     )
@@ -412,8 +424,9 @@ def implicit_reference(context: SideContext) -> Timed:
         Path(context.work_dir) / "bench-reference",
     )
     return Timed(
-        implementation=f"implicit {_version('implicit')} CPU ALS (CG), {REFERENCE_THREADS} threads",
+        implementation=f"implicit {_version('implicit')} CPU ALS (CG), {threads} threads",
         seconds=elapsed[0],
+        threads=threads,
         iterations=iterations,
         quality_name="recall@10",
         quality=recall,
@@ -456,8 +469,9 @@ def explicit_ours(context: SideContext) -> Timed:
     trained, seconds, metrics = train_ours(context, settings, with_cooccurrence=False, evaluate=True)
     steps = f" ({settings.cg_steps} steps)" if method == "cg" else ""
     return Timed(
-        implementation=f"explicit/als, {method} row solves{steps}, k=64, {context.workers} workers",
+        implementation=f"explicit/als, {method} row solves{steps}, k=64, {layout_words(context)}",
         seconds=seconds,
+        threads=reference_threads(context),
         iterations=trained.epochs,
         quality_name="held-out RMSE",
         quality=metrics["holdout_rmse"],
@@ -471,6 +485,7 @@ def explicit_reference(context: SideContext) -> Timed:
 
     ingest = _ingest(context)
     iterations = iterations_for(context.scale, 5)
+    threads = reference_threads(context)
 
     def frame(held_out: bool) -> pd.DataFrame:
         paths = [
@@ -483,7 +498,7 @@ def explicit_reference(context: SideContext) -> Timed:
         )
 
     spark = (
-        SparkSession.builder.master(f"local[{REFERENCE_THREADS}]")
+        SparkSession.builder.master(f"local[{threads}]")
         .appName("mf-dist-bench")
         .config("spark.driver.memory", "6g")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -514,8 +529,9 @@ def explicit_reference(context: SideContext) -> Timed:
         spark.stop()
     error = predicted["prediction"].to_numpy(np.float64) - predicted["rating"].to_numpy(np.float64)
     return Timed(
-        implementation=f"Spark MLlib ALS {_version('pyspark')}, local[{REFERENCE_THREADS}]",
+        implementation=f"Spark MLlib ALS {_version('pyspark')}, local[{threads}]",
         seconds=elapsed[0],
+        threads=threads,
         iterations=iterations,
         quality_name="held-out RMSE",
         quality=float(np.sqrt(np.mean(error**2))),
@@ -594,8 +610,9 @@ def nmf_ours(context: SideContext) -> Timed:
         _read_table(trained.table("contexts")),
     )
     return Timed(
-        implementation=f"nmf/mu on X (products from the {route}), k=64, {context.workers} workers",
+        implementation=f"nmf/mu on X (products from the {route}), k=64, {layout_words(context)}",
         seconds=seconds,
+        threads=reference_threads(context),
         iterations=trained.epochs,
         quality_name="‖X−WHᵀ‖/‖X‖",
         quality=error,
@@ -604,7 +621,7 @@ def nmf_ours(context: SideContext) -> Timed:
 
 
 def nmf_reference(context: SideContext) -> Timed:
-    _limit_reference_threads()
+    threads = _limit_reference_threads(context)
     from sklearn.decomposition import NMF
 
     ingest = _ingest(context)
@@ -615,8 +632,11 @@ def nmf_reference(context: SideContext) -> Timed:
     with stopwatch() as elapsed:
         w = model.fit_transform(x, W=start_w, H=np.ascontiguousarray(start_h.T))
     return Timed(
-        implementation=f"scikit-learn {_version('scikit-learn')} NMF(solver='mu'), sparse X",
+        implementation=(
+            f"scikit-learn {_version('scikit-learn')} NMF(solver='mu'), sparse X, {threads} threads"
+        ),
         seconds=elapsed[0],
+        threads=threads,
         iterations=int(model.n_iter_),
         quality_name="‖X−WHᵀ‖/‖X‖",
         quality=relative_frobenius_error(x, w, model.components_.T),
@@ -688,9 +708,10 @@ def embedding_ours(context: SideContext) -> Timed:
     return Timed(
         implementation=(
             f"cooccurrence/gradient (Adam, products from the {route}), M={ingest.n_items}, D={rank}, "
-            f"{context.workers} workers"
+            f"{layout_words(context)}"
         ),
         seconds=seconds,
+        threads=reference_threads(context),
         iterations=trained.epochs,
         quality_name="Σ_{i≠j} loss",
         quality=trained.final_loss,
@@ -726,7 +747,7 @@ def embedding_reference_unavailable(variant: Variant) -> str | None:
 
 def embedding_reference(context: SideContext) -> Timed:
     """The dense autograd loop: (V Vᵀ − X) under a strict lower-triangle mask, Adam, full batch."""
-    _limit_reference_threads()
+    threads = _limit_reference_threads(context)
     ingest = _ingest(context)
     x_sparse = _cooccurrence_matrix(ingest)
     n_items, rank = ingest.n_items, _embedding_rank(ingest, context.variant)
@@ -749,8 +770,9 @@ def embedding_reference(context: SideContext) -> Timed:
         residual = ((vectors @ vectors.T - target) * mask).double()
         final = 2 * float((residual**2).sum())
     return Timed(
-        implementation=f"dense torch autograd loop (tril mask, Adam), {REFERENCE_THREADS} threads",
+        implementation=f"dense torch autograd loop (tril mask, Adam), {threads} threads",
         seconds=elapsed[0],
+        threads=threads,
         iterations=epochs,
         quality_name="Σ_{i≠j} loss",
         quality=final,
@@ -798,6 +820,7 @@ def end_to_end_ours(context: SideContext) -> Timed:
     return Timed(
         implementation="mf-dist run (Prefect flow), cooccurrence, k=64, 10 epochs",
         seconds=elapsed[0],
+        threads=context.workers,
         quality_name="final loss",
         quality=float(manifest["metrics"]["final_loss"]),
     )

@@ -51,6 +51,16 @@ def _metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
 
 
+def training_seconds(history: list[dict[str, Any]]) -> float:
+    """The training time of a run: ``loss_history[].seconds`` counts from the start of training.
+
+    Each record's ``seconds`` is cumulative (docs/tables.md), so the run took
+    as long as its last record says; summing them would count every epoch
+    again for each later one.
+    """
+    return max((float(record.get("seconds", 0.0)) for record in history), default=0.0)
+
+
 def describe_run(run_dir: Path, *, current: bool) -> Panel:
     """A panel summarising one run's manifest: what, how big, how well, and its loss curve."""
     manifest = read_manifest(run_dir)
@@ -82,7 +92,7 @@ def describe_run(run_dir: Path, *, current: bool) -> Panel:
         facts.add_row("ids", f"{manifest.get('id_column')} ({manifest.get('id_type')})")
         history = manifest.get("loss_history", [])
         if history:
-            seconds = sum(record.get("seconds", 0.0) for record in history)
+            seconds = training_seconds(history)
             facts.add_row(
                 "training",
                 f"{len(history)} epochs ({history[0]['epoch']}..{history[-1]['epoch']}), {seconds:.1f} s",

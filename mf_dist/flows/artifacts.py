@@ -21,7 +21,11 @@ REPORTS_DIR = "reports"
 
 
 def loss_table(history: list[EpochRecord]) -> list[dict[str, float | int | None]]:
-    """One row per epoch: epoch, loss, each metric, seconds (JSON-safe: NaN/inf become None)."""
+    """One row per epoch: epoch, loss, each metric, seconds (JSON-safe: NaN/inf become None).
+
+    ``seconds`` is the manifest's: time since training started, cumulative,
+    so the last row's is the training time.
+    """
     metric_names = sorted({name for record in history for name in record.metrics})
 
     def finite(value: float) -> float | None:
@@ -63,7 +67,7 @@ def publish_loss_artifacts(
     markdown = (
         f"### Loss curve, run `{run_id}`\n\n"
         f"![loss per epoch](data:image/png;base64,{encoded})\n\n"
-        f"{len(history)} epochs; final loss {final.loss:.6g}"
+        f"{len(history)} epochs in {final.seconds:.1f} s; final loss {final.loss:.6g}"
         + "".join(f", {name} {value:.4g}" for name, value in sorted(final.metrics.items()))
         + f".\n\nPNG: `{png}`\n"
     )

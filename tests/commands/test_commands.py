@@ -18,6 +18,7 @@ from mf_dist import cli
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
 from mf_dist.flows.run_progress import PipelineProgressHandler, pipeline_progress
+from mf_dist.storage.factor_files import EpochRecord
 from mf_dist.storage.reader import read_published
 from mf_dist.terminal.progress import count_progress
 from mf_dist.terminal.text_chart import text_chart
@@ -86,6 +87,19 @@ def test_inspect_summarises_every_table_with_a_loss_chart(client, published, wid
 
     one_run = invoke("inspect", str(output / "items" / "runs" / run_id))
     assert one_run.exit_code == 0 and "neighbors" not in one_run.output
+
+
+def test_inspect_reports_the_training_time_of_cumulative_seconds(client, tmp_path, wide_consoles):
+    # loss_history[].seconds counts from the start of training (docs/tables.md):
+    # these five records describe 9.6 s of training, not their sum (16.8 s).
+    marks = [0.2, 1.1, 2.4, 3.5, 9.6]
+    history = [
+        EpochRecord(epoch=epoch, loss=10.0 - epoch, seconds=seconds) for epoch, seconds in enumerate(marks)
+    ]
+    publish_items(client, tmp_path, [1, 2, 3], np.eye(3, dtype=np.float32), history=history)
+    result = invoke("inspect", str(tmp_path / "items"))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"training\s+5 epochs \(0\.\.4\), 9\.6 s\b", result.output), result.output
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ def publish_items(
     bias: np.ndarray | None = None,
     block_size: int = 16,
     run_id: str | None = None,
+    history: list[EpochRecord] = HISTORY,
 ) -> ExportResult:
     """Publish ``vectors`` (n × rank) under ``output/items`` with ``ids`` (int64 or str) as item ids."""
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -61,9 +62,9 @@ def publish_items(
     train = TrainResult(
         model="explicit" if bias is not None else "cooccurrence",
         rank=vectors.shape[1],
-        epochs=len(HISTORY),
+        epochs=len(history),
         learning_rate=0.1,
-        history=HISTORY,
+        history=history,
         tables=[table],
         global_mean=3.5 if bias is not None else None,
         device="cpu",

@@ -52,7 +52,9 @@ from mf_dist.storage.tiles import load_cooccurrence_result
 from mf_dist.trainers.liked_products import choose_x_products
 
 HOLDOUT_SHARE = 0.2
-REFERENCE_THREADS = 2
+# The references' threads: 2, this project's development machine. The GPU check sets
+# MF_DIST_BENCH_REFERENCE_THREADS to the GPU machine's cores, so a CUDA side meets the whole CPU.
+REFERENCE_THREADS = int(os.environ.get("MF_DIST_BENCH_REFERENCE_THREADS", "2"))
 
 Variant = dict[str, int | float | str]
 """One variant's settings (``{"rank": 64}``); they label its table row and its side files."""
@@ -245,13 +247,34 @@ def layout_words(context: SideContext) -> str:
     return f"{processes} workers" if threads == 1 else f"{processes} worker × {threads} threads"
 
 
+def gpu_peak_bytes() -> int:
+    """The most GPU memory torch's allocator held at once in this process (0 where CUDA never started)."""
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_initialized() else 0
+
+
+def reset_gpu_peak() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_details(client: Client) -> dict[str, int | str]:
+    """Peak GPU memory per worker (``torch.cuda.max_memory_allocated``) as Timed details."""
+    peaks = client.run(gpu_peak_bytes)
+    return {
+        "peak_gpu_bytes_max": max(peaks.values(), default=0),
+        "peak_gpu_bytes_per_worker": ", ".join(str(peaks[worker]) for worker in sorted(peaks)),
+    }
+
+
 def train_ours(
     context: SideContext, settings: TrainSettings, *, with_cooccurrence: bool, evaluate: bool
-) -> tuple[TrainResult, float, dict[str, float]]:
-    """Our train stage on a local cluster: (result, timed seconds, held-out metrics).
+) -> tuple[TrainResult, float, dict[str, float], dict[str, int | str]]:
+    """Our train stage on a local cluster: (result, timed seconds, held-out metrics, device details).
 
     The co-occurrence stage (when the model fits X) and the held-out
-    evaluation run on the same cluster but outside the timed part.
+    evaluation run on the same cluster but outside the timed part. On CUDA
+    the details hold each worker's peak GPU memory over the training (none
+    on the CPU).
     """
     ingest = _ingest(context)
     processes, threads = local_layout(context)
@@ -259,10 +282,14 @@ def train_ours(
         warm_workers(client)
         if with_cooccurrence:
             cooccurrence_blocks(client, ingest, context.work_dir)
+        on_gpu = settings.device == "cuda"
+        if on_gpu:
+            client.run(reset_gpu_peak)
         with stopwatch() as elapsed:
             trained = train_factors(client, context.work_dir, settings)
+        device_details = gpu_peak_details(client) if on_gpu else {}
         metrics = holdout_metrics(client, ingest, trained) if evaluate else {}
-    return trained, elapsed[0], metrics
+    return trained, elapsed[0], metrics, device_details
 
 
 # --- cooccurrence: X = SᵀS --------------------------------------------------------------------
@@ -361,7 +388,9 @@ def implicit_ours(context: SideContext) -> Timed:
         alpha=IMPLICIT_ALPHA,
         regularization=IMPLICIT_REGULARIZATION,
     )
-    trained, seconds, metrics = train_ours(context, settings, with_cooccurrence=False, evaluate=True)
+    trained, seconds, metrics, device_details = train_ours(
+        context, settings, with_cooccurrence=False, evaluate=True
+    )
     return Timed(
         implementation=f"implicit/als (CG, 3 steps), k={rank}, {layout_words(context)}",
         seconds=seconds,
@@ -372,6 +401,7 @@ def implicit_ours(context: SideContext) -> Timed:
             "ndcg@10": metrics["holdout_ndcg@10"],
             "final_loss": trained.final_loss,
             "steady_seconds_per_epoch": steady_epoch_seconds(trained.history),
+            **device_details,
         },
     )
 
@@ -453,7 +483,9 @@ def explicit_ours(context: SideContext) -> Timed:
         regularization=EXPLICIT_REGULARIZATION,
         als_method=method,
     )
-    trained, seconds, metrics = train_ours(context, settings, with_cooccurrence=False, evaluate=True)
+    trained, seconds, metrics, device_details = train_ours(
+        context, settings, with_cooccurrence=False, evaluate=True
+    )
     steps = f" ({settings.cg_steps} steps)" if method == "cg" else ""
     return Timed(
         implementation=f"explicit/als, {method} row solves{steps}, k=64, {context.workers} workers",
@@ -461,6 +493,7 @@ def explicit_ours(context: SideContext) -> Timed:
         iterations=trained.epochs,
         quality_name="held-out RMSE",
         quality=metrics["holdout_rmse"],
+        details=device_details,
     )
 
 
@@ -585,7 +618,9 @@ def shared_nmf_start(
 
 def nmf_ours(context: SideContext) -> Timed:
     settings = _nmf_settings(context)
-    trained, seconds, _ = train_ours(context, settings, with_cooccurrence=True, evaluate=False)
+    trained, seconds, _, device_details = train_ours(
+        context, settings, with_cooccurrence=True, evaluate=False
+    )
     ingest = _ingest(context)
     route = _x_products_route(context, settings)
     error = relative_frobenius_error(
@@ -599,7 +634,7 @@ def nmf_ours(context: SideContext) -> Timed:
         iterations=trained.epochs,
         quality_name="‖X−WHᵀ‖/‖X‖",
         quality=error,
-        details={"items": ingest.n_items},
+        details={"items": ingest.n_items, **device_details},
     )
 
 
@@ -681,7 +716,9 @@ def embedding_ours(context: SideContext) -> Timed:
         learning_rate=EMBEDDING_LEARNING_RATE,
         optimizer="adam",
     )
-    trained, seconds, _ = train_ours(context, settings, with_cooccurrence=True, evaluate=False)
+    trained, seconds, _, device_details = train_ours(
+        context, settings, with_cooccurrence=True, evaluate=False
+    )
     # The untimed stage's own record of X: its size is what the dense loop could not hold.
     cooccurrence = load_cooccurrence_result(context.work_dir)
     route = _x_products_route(context, settings)
@@ -702,6 +739,7 @@ def embedding_ours(context: SideContext) -> Timed:
             "tiles": len(cooccurrence.tiles),
             # The loss of V = 0, Σ_{i≠j} X², to read the final loss against.
             "loss_at_zero": cooccurrence.offdiagonal_sum_of_squares,
+            **device_details,
         },
     )
 

@@ -230,7 +230,8 @@ def suite(arguments: argparse.Namespace) -> dict:
         str(prepared),
     )
     paths = json.loads(prepared.read_text())
-    workers = arguments.workers or cpu_workers()
+    # With a GPU, the local cluster is one worker per GPU whatever is asked; say so in the figures.
+    workers = arguments.workers or (1 if arguments.device == "cuda" else cpu_workers())
     context = SideContext(
         suite=chosen.name,
         variant=variant,

@@ -9,7 +9,7 @@ left (the rest are reported as skipped):
 4. ``parity``: every model × solver on the device against the CPU, same seed.
 5. ``memory-bound``: a factor table larger than the GPU memory the worker is allowed, trained.
 6. ``data``: the ml20m set generated (and cached for the suites), timed.
-7. ``implicit-als``, ``cooccurrence``, ``gradient``: bench suites, each at the largest scale
+7. ``implicit-als``, ``gradient``, ``cooccurrence``: bench suites, each at the largest scale
    whose estimate fits, ours on the device beside the CPU reference.
 
 A dry run (``--dry-run``, or no CUDA) runs the same steps with the CPU as the device, at the
@@ -163,9 +163,10 @@ def build_steps(
         child("parity", "parity"),
         child("memory-bound", "memory-bound"),
         data,
+        # The GPU's figures first; the co-occurrence stage is CPU work and comes last.
         implicit_als,
-        cooccurrence,
         child("gradient", "gradient", scale_key="scale:gradient"),
+        cooccurrence,
     ]
 
 

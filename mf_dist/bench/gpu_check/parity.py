@@ -18,6 +18,7 @@ where a gradient is close to zero, hence the wider table bound.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,6 +172,8 @@ def prepare_parity_data(client: object, directory: Path) -> Path:
     from mf_dist.stages.cooccur import cooccurrence_blocks
     from mf_dist.stages.ingest import ingest_ratings
 
+    shutil.rmtree(directory / "input", ignore_errors=True)
+    shutil.rmtree(directory / "work", ignore_errors=True)
     frame = synthetic_ratings(N_RATINGS, n_users=N_USERS, n_items=N_ITEMS, intercept=INTERCEPT, seed=SEED)
     source = directory / "input"
     write_partitions(frame, source, n_files=2)

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -321,7 +322,11 @@ def gradient(arguments: argparse.Namespace) -> dict:
     for row in rows:
         cpu = by_key.get(("cpu", row["batch_size"]))
         row["speedup_over_cpu"] = row["ratings_per_second"] / cpu["ratings_per_second"] if cpu else None
-    return {"passed": all(math.isfinite(row["final_loss"]) for row in rows), "rows": rows}
+    note = "; ".join(
+        f"{row['device']} batch {row['batch_size']}: {row['ratings_per_second']:,.0f} ratings/s"
+        for row in rows
+    )
+    return {"passed": all(math.isfinite(row["final_loss"]) for row in rows), "note": note, "rows": rows}
 
 
 def gradient_run(arguments: argparse.Namespace) -> dict:
@@ -397,6 +402,7 @@ def memory_data(arguments: argparse.Namespace) -> dict:
 
     case = MEMORY_CASES[arguments.device]
     directory = arguments.scratch / "memory"
+    shutil.rmtree(directory, ignore_errors=True)
     frame = synthetic_ratings(case["n_ratings"], n_users=case["n_users"], n_items=case["n_items"], seed=3)
     write_partitions(frame, directory / "input", n_files=8)
     with open_client(workers=cpu_workers()) as client:

@@ -7,9 +7,10 @@
 #
 #   deploy/gpu/check.sh [--out DIR] [--budget SECONDS] [--dry-run] [--only STEP,STEP]
 #
-# The output folder is --out, else $OUT, else $TMPDIR/mf-dist-gpu-check-out (/tmp by default). Without CUDA (or with --dry-run)
-# it is a dry run: the wheelhouse is built if missing, a stand-in for the GPU image is made once
-# (standin-image.sh), and every step runs with the CPU as the device, at the tiny scale.
+# The output folder is --out, else $OUT, else $TMPDIR/mf-dist-gpu-check-out (/tmp by default).
+# Without CUDA (or with --dry-run) it is a dry run: the wheelhouse is built if missing, a stand-in
+# for the GPU image is made once (standin-image.sh), and every step runs with the CPU as the
+# device, at the tiny scale.
 set -euo pipefail
 started="$(date +%s.%N)"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --out=*) out="${1#--out=}" ;;
     --budget|--only|--scratch) forward+=("$1" "$2"); shift ;;
     --budget=*|--only=*|--scratch=*) forward+=("$1") ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

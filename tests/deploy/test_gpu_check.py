@@ -8,6 +8,7 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,11 +107,19 @@ def test_scale_is_the_largest_that_fits():
     assert choose_scale(estimates, 100) == "small"
     assert choose_scale(estimates, 5) is None
     context: dict = {}
-    prepare = scale_chooser("gpu", "implicit-als", "scale")
-    assert prepare(context, 1e6) is None and context["scale"] == "ml20m"
-    assert prepare(context, ESTIMATES["gpu"]["implicit-als"]["small"] + 1) is None
-    assert context["scale"] == "small"
-    assert "no scale fits" in prepare(context, 1.0)
+    gpu = ESTIMATES["gpu"]
+    # The last scaled step takes the largest scale that fits.
+    last = scale_chooser("gpu", "cooccurrence", "scale")
+    assert last(context, 1e6) is None and context["scale"] == "ml20m"
+    assert last(context, gpu["cooccurrence"]["small"] + 1) is None and context["scale"] == "small"
+    assert "no scale fits" in last(context, 1.0)
+    # An earlier one leaves the later ones their smallest run.
+    first = scale_chooser("gpu", "implicit-als", "scale")
+    rest = gpu["gradient"]["tiny"] + gpu["cooccurrence"]["tiny"]
+    assert first(context, gpu["implicit-als"]["ml20m"] + rest) is None and context["scale"] == "ml20m"
+    assert first(context, gpu["implicit-als"]["ml20m"] + rest - 1) is None and context["scale"] == "small"
+    # Alone, the smallest still runs when the others could not all fit beside it.
+    assert first(context, gpu["implicit-als"]["tiny"] + 1) is None and context["scale"] == "tiny"
 
 
 def test_a_child_step_is_stopped_at_the_budget_with_its_process_group(tmp_path):
@@ -308,3 +317,47 @@ def test_the_plan_has_every_step_with_an_estimate_per_mode(tmp_path):
                 assert argv[argv.index("--device") + 1] == ("cpu" if step.name == "cooccurrence" else device)
     assert set(ESTIMATES["gpu"]["implicit-als"]) == set(SCALES)
     assert set(ESTIMATES["dry"]["implicit-als"]) == {"tiny"}
+
+
+def test_the_gpu_plan_fits_eight_minutes_when_steps_take_their_estimates(tmp_path):
+    """Every step runs, the largest scales go first, and the whole stays within the budget."""
+    arguments = argparse.Namespace(
+        scratch=tmp_path, out=tmp_path / "out", wheelhouse=tmp_path / "w", requirements=tmp_path / "r.txt"
+    )
+    time = FakeTime()
+    clock = Clock(480, now=time)
+    runner, _ = quiet_runner(clock)
+
+    def taking(step: Step) -> Step:
+        def run(context: dict) -> tuple[bool, str, dict]:
+            time.now += step.expected(context)
+            return True, "", {}
+
+        return replace(step, run=run, command=None, read_result=None)
+
+    outcomes = runner.run_all([taking(step) for step in build_steps(arguments, "gpu", "cuda")])
+    assert [o.status for o in outcomes] == ["passed"] * len(outcomes)
+    assert clock.elapsed <= 480
+    assert runner.context["scale:implicit-als"] == "ml20m"
+
+
+@pytest.mark.parametrize("script", ["check.sh", "build-wheelhouse.sh", "standin-image.sh"])
+def test_the_scripts_parse_and_the_wheelhouse_stays_out_of_git(script):
+    path = REPO / "deploy" / "gpu" / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    ignored = subprocess.run(
+        ["git", "-C", str(REPO), "check-ignore", "-q", "deploy/gpu/wheelhouse/x-1-py3-none-any.whl"],
+        capture_output=True,
+    )
+    assert ignored.returncode in (0, 128)  # 128: not a git checkout (a copied tree)
+
+
+def test_check_sh_says_how_to_use_it():
+    done = subprocess.run(
+        ["bash", str(REPO / "deploy" / "gpu" / "check.sh"), "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--dry-run" in done.stdout and "$OUT" in done.stdout
+    wrong = subprocess.run(
+        ["bash", str(REPO / "deploy" / "gpu" / "check.sh"), "--no-such-flag"], capture_output=True, text=True
+    )
+    assert wrong.returncode == 2 and "unknown argument" in wrong.stderr

@@ -40,11 +40,11 @@ SCALES = ("tiny", "small", "ml20m")
 ESTIMATES = {
     "gpu": {
         "wheelhouse": 1,
-        "install": 45,
-        "cuda-tests": 60,
-        "parity": 110,
-        "memory-bound": 60,
-        "data": {"tiny": 5, "small": 10, "ml20m": 40},
+        "install": 30,
+        "cuda-tests": 45,
+        "parity": 90,
+        "memory-bound": 50,
+        "data": {"tiny": 5, "small": 10, "ml20m": 30},
         "implicit-als": {"tiny": 45, "small": 60, "ml20m": 120},
         "cooccurrence": {"tiny": 30, "small": 40, "ml20m": 75},
         "gradient": {"tiny": 45, "small": 60, "ml20m": 150},
@@ -68,12 +68,25 @@ def estimate(mode: str, name: str, scale: str | None = None) -> float:
     return float(value[scale]) if isinstance(value, dict) else float(value)
 
 
-def scale_chooser(mode: str, name: str, key: str) -> object:
-    """A ``prepare`` hook: put the largest scale whose estimate fits into ``context[key]``."""
+SCALED_STEPS = ("data", "implicit-als", "gradient", "cooccurrence")
+"""The steps that pick a scale, in the order they run."""
+
+
+def scale_chooser(mode: str, name: str, key: str) -> Callable[[dict, float], str | None]:
+    """A ``prepare`` hook: put into ``context[key]`` the largest scale whose estimate fits.
+
+    The time left is first cut by the smallest estimate of each scaled step after this one,
+    so that one large run does not leave the others without a figure.
+    """
+    later = SCALED_STEPS[SCALED_STEPS.index(name) + 1 :] if name in SCALED_STEPS else ()
+    reserve = sum(min(ESTIMATES[mode][step].values()) for step in later)
 
     def prepare(context: dict, left: float) -> str | None:
         scales = ESTIMATES[mode][name]
-        chosen = choose_scale({scale: scales[scale] for scale in SCALES if scale in scales}, left)
+        chosen = choose_scale({scale: scales[scale] for scale in SCALES if scale in scales}, left - reserve)
+        if chosen is None:
+            # Nothing fits beside the others: take the smallest if it fits alone.
+            chosen = choose_scale({scale: scales[scale] for scale in SCALES[:1] if scale in scales}, left)
         if chosen is None:
             return f"no scale fits the {max(0.0, left):.0f} s left"
         context[key] = chosen

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mf_dist.bench.scales import DATA_SEED, LIKE_THRESHOLD, RATING_INTERCEPT, Scale
-from mf_dist.bench.synthetic import synthetic_ratings, write_partitions
+from mf_dist.bench.synthetic import GENERATOR_VERSION, synthetic_ratings, write_partitions
 from mf_dist.runtime.cluster import open_client
 from mf_dist.stages.ingest import ingest_ratings
 
@@ -32,7 +32,9 @@ from mf_dist.stages.ingest import ingest_ratings
 def ratings_dir(cache_dir: Path, scale: Scale) -> Path:
     """Generate (once) the scale's ratings as Parquet files; later calls reuse them."""
     # The name carries the generator's settings: a cache made with others is not reused.
-    directory = cache_dir / scale.name / f"ratings-seed{DATA_SEED}-mu{RATING_INTERCEPT:g}"
+    directory = (
+        cache_dir / scale.name / f"ratings-seed{DATA_SEED}-mu{RATING_INTERCEPT:g}-g{GENERATOR_VERSION}"
+    )
     if not directory.exists():
         frame = synthetic_ratings(
             scale.n_ratings,
@@ -97,9 +99,9 @@ class ManyItems:
 MANY_ITEMS: dict[str, ManyItems] = {
     # Seconds: M = 3,000 of ~3,900 liked items, X with ~0.3 M non-zeros.
     "tiny": ManyItems(60_000, 1_500, 8_000, 3_000, 1024),
-    # M = 100,000 of ~128,000 liked items (1.52 M likes by ~98,000 users), X = SᵀS with 40.7 M
-    # non-zeros. Generating takes about 3 minutes on 2 cores (once, cached). ~80 ratings per user
-    # keeps X in the tens of millions: its non-zeros grow with Σ_u likes_u², not with M. The block
+    # M = 100,000 of ~129,000 liked items (1.6 M likes by ~98,000 users), generated once and
+    # cached. ~80 ratings per user keeps the non-zeros of X = SᵀS in the tens of millions: they
+    # grow with Σ_u likes_u², not with M. The block
     # size keeps the item grid at 13 blocks (91 tiles) rather than 49 (1,225 tiles to schedule).
     "small": ManyItems(8_000_000, 100_000, 300_000, 100_000, 8192),
     # The variant's size is the issue's M = 100,000 at every full scale.
@@ -110,7 +112,7 @@ MANY_ITEMS: dict[str, ManyItems] = {
 def many_items_dir(cache_dir: Path, scale: Scale) -> tuple[Path, ManyItems]:
     """Generate (once) the scale's many-items likes as Parquet; returns the directory and its shape."""
     shape = MANY_ITEMS[scale.name]
-    directory = cache_dir / scale.name / f"many-items-top{shape.n_liked_items}"
+    directory = cache_dir / scale.name / f"many-items-top{shape.n_liked_items}-g{GENERATOR_VERSION}"
     if not directory.exists():
         frame = synthetic_ratings(
             shape.n_ratings, n_users=shape.n_users, n_items=shape.n_item_ids, seed=DATA_SEED

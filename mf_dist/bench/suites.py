@@ -52,6 +52,9 @@ from mf_dist.storage.tiles import load_cooccurrence_result
 from mf_dist.trainers.liked_products import choose_x_products
 
 HOLDOUT_SHARE = 0.2
+# A CUDA side runs one worker per GPU, so "the cores our side uses" would give
+# a CPU reference one core; the GPU check sets this to the machine's cores instead.
+REFERENCE_THREADS_VARIABLE = "MF_DIST_BENCH_REFERENCE_THREADS"
 
 Variant = dict[str, int | float | str]
 """One variant's settings (``{"rank": 64}``); they label its table row and its side files."""
@@ -195,7 +198,12 @@ def ranking_recall(ingest: IngestResult, users: np.ndarray, items: np.ndarray, d
 
 
 def reference_threads(context: SideContext) -> int:
-    """The threads a reference gets: the cores our side uses (worker processes × threads each)."""
+    """The threads a reference gets: the cores our side uses (worker processes × threads each).
+
+    ``MF_DIST_BENCH_REFERENCE_THREADS`` overrides it (the GPU check: the whole CPU against the GPU).
+    """
+    if REFERENCE_THREADS_VARIABLE in os.environ:
+        return int(os.environ[REFERENCE_THREADS_VARIABLE])
     processes, threads = local_layout(context)
     return processes * threads
 
@@ -253,13 +261,34 @@ def layout_words(context: SideContext) -> str:
     return f"{processes} workers" if threads == 1 else f"{processes} worker × {threads} threads"
 
 
+def gpu_peak_bytes() -> int:
+    """The most GPU memory torch's allocator held at once in this process (0 where CUDA never started)."""
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_initialized() else 0
+
+
+def reset_gpu_peak() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_details(client: Client) -> dict[str, int | str]:
+    """Peak GPU memory per worker (``torch.cuda.max_memory_allocated``) as Timed details."""
+    peaks = client.run(gpu_peak_bytes)
+    return {
+        "peak_gpu_bytes_max": max(peaks.values(), default=0),
+        "peak_gpu_bytes_per_worker": ", ".join(str(peaks[worker]) for worker in sorted(peaks)),
+    }
+
+
 def train_ours(
     context: SideContext, settings: TrainSettings, *, with_cooccurrence: bool, evaluate: bool
-) -> tuple[TrainResult, float, dict[str, float]]:
-    """Our train stage on a local cluster: (result, timed seconds, held-out metrics).
+) -> tuple[TrainResult, float, dict[str, float], dict[str, int | str]]:
+    """Our train stage on a local cluster: (result, timed seconds, held-out metrics, device details).
 
     The co-occurrence stage (when the model fits X) and the held-out
-    evaluation run on the same cluster but outside the timed part.
+    evaluation run on the same cluster but outside the timed part. On CUDA
+    the details hold each worker's peak GPU memory over the training (none
+    on the CPU).
     """
     ingest = _ingest(context)
     processes, threads = local_layout(context)
@@ -267,10 +296,14 @@ def train_ours(
         warm_workers(client)
         if with_cooccurrence:
             cooccurrence_blocks(client, ingest, context.work_dir)
+        on_gpu = settings.device == "cuda"
+        if on_gpu:
+            client.run(reset_gpu_peak)
         with stopwatch() as elapsed:
             trained = train_factors(client, context.work_dir, settings)
+        device_details = gpu_peak_details(client) if on_gpu else {}
         metrics = holdout_metrics(client, ingest, trained) if evaluate else {}
-    return trained, elapsed[0], metrics
+    return trained, elapsed[0], metrics, device_details
 
 
 # --- cooccurrence: X = SᵀS --------------------------------------------------------------------
@@ -372,7 +405,9 @@ def implicit_ours(context: SideContext) -> Timed:
         alpha=IMPLICIT_ALPHA,
         regularization=IMPLICIT_REGULARIZATION,
     )
-    trained, seconds, metrics = train_ours(context, settings, with_cooccurrence=False, evaluate=True)
+    trained, seconds, metrics, device_details = train_ours(
+        context, settings, with_cooccurrence=False, evaluate=True
+    )
     return Timed(
         implementation=f"implicit/als (CG, 3 steps), k={rank}, {layout_words(context)}",
         seconds=seconds,
@@ -384,6 +419,7 @@ def implicit_ours(context: SideContext) -> Timed:
             "ndcg@10": metrics["holdout_ndcg@10"],
             "final_loss": trained.final_loss,
             "steady_seconds_per_epoch": steady_epoch_seconds(trained.history),
+            **device_details,
         },
     )
 
@@ -466,7 +502,9 @@ def explicit_ours(context: SideContext) -> Timed:
         regularization=EXPLICIT_REGULARIZATION,
         als_method=method,
     )
-    trained, seconds, metrics = train_ours(context, settings, with_cooccurrence=False, evaluate=True)
+    trained, seconds, metrics, device_details = train_ours(
+        context, settings, with_cooccurrence=False, evaluate=True
+    )
     steps = f" ({settings.cg_steps} steps)" if method == "cg" else ""
     return Timed(
         implementation=f"explicit/als, {method} row solves{steps}, k=64, {layout_words(context)}",
@@ -475,6 +513,7 @@ def explicit_ours(context: SideContext) -> Timed:
         iterations=trained.epochs,
         quality_name="held-out RMSE",
         quality=metrics["holdout_rmse"],
+        details=device_details,
     )
 
 
@@ -601,7 +640,9 @@ def shared_nmf_start(
 
 def nmf_ours(context: SideContext) -> Timed:
     settings = _nmf_settings(context)
-    trained, seconds, _ = train_ours(context, settings, with_cooccurrence=True, evaluate=False)
+    trained, seconds, _, device_details = train_ours(
+        context, settings, with_cooccurrence=True, evaluate=False
+    )
     ingest = _ingest(context)
     route = _x_products_route(context, settings)
     error = relative_frobenius_error(
@@ -616,7 +657,7 @@ def nmf_ours(context: SideContext) -> Timed:
         iterations=trained.epochs,
         quality_name="‖X−WHᵀ‖/‖X‖",
         quality=error,
-        details={"items": ingest.n_items},
+        details={"items": ingest.n_items, **device_details},
     )
 
 
@@ -701,7 +742,9 @@ def embedding_ours(context: SideContext) -> Timed:
         learning_rate=EMBEDDING_LEARNING_RATE,
         optimizer="adam",
     )
-    trained, seconds, _ = train_ours(context, settings, with_cooccurrence=True, evaluate=False)
+    trained, seconds, _, device_details = train_ours(
+        context, settings, with_cooccurrence=True, evaluate=False
+    )
     # The untimed stage's own record of X: its size is what the dense loop could not hold.
     cooccurrence = load_cooccurrence_result(context.work_dir)
     route = _x_products_route(context, settings)
@@ -723,6 +766,7 @@ def embedding_ours(context: SideContext) -> Timed:
             "tiles": len(cooccurrence.tiles),
             # The loss of V = 0, Σ_{i≠j} X², to read the final loss against.
             "loss_at_zero": cooccurrence.offdiagonal_sum_of_squares,
+            **device_details,
         },
     )
 

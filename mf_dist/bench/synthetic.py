@@ -2,9 +2,10 @@
 
 Item popularity follows p(rank) ∝ 1/(rank + 10)^0.9 over a random order of
 item ids; users have at least ``min_user_ratings`` ratings plus a log-normal
-share of the rest; no (user, item) pair repeats. Ratings come from
-μ + b_u + b_i + u*ᵀv* + noise with rank-``latent_rank`` factors, rounded to
-halves in 0.5..5 as in MovieLens.
+share of the rest; no (user, item) pair repeats: each user's items are drawn
+from the popularity law without replacement (:mod:`mf_dist.bench.distinct_items`).
+Ratings come from μ + b_u + b_i + u*ᵀv* + noise with rank-``latent_rank``
+factors, rounded to halves in 0.5..5 as in MovieLens.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mf_dist.bench.distinct_items import distinct_items
+
+GENERATOR_VERSION = 2
+"""Bumped whenever the same arguments give other ratings; cached sets are named with it.
+2: each user's items drawn without replacement user by user (was: rounds of draws and ``np.unique``)."""
+
+SCORE_SLICE = 4_000_000
 
 
 def synthetic_ratings(
@@ -51,30 +60,25 @@ def synthetic_ratings(
     counts += np.bincount(rng.integers(0, n_users, max(shortfall, 0)), minlength=n_users)
     counts = np.minimum(counts, max(1, n_items // 2))
 
-    keys = np.empty(0, dtype=np.int64)
-    need = counts
-    for _ in range(200):
-        if not need.any():
-            break
-        users = np.repeat(np.arange(n_users, dtype=np.int64), need)
-        items = rng.choice(n_items, size=len(users), p=popularity)
-        keys = np.unique(np.concatenate([keys, users * n_items + items]))
-        need = counts - np.bincount(keys // n_items, minlength=n_users)
-    user, item = keys // n_items, keys % n_items
+    user, item = distinct_items(counts, popularity, seed=int(rng.integers(2**63)))
 
     user_factors = rng.normal(0, 1 / np.sqrt(latent_rank), (n_users, latent_rank))
     item_factors = rng.normal(0, 1 / np.sqrt(latent_rank), (n_items, latent_rank))
     user_bias = rng.normal(0, 0.35, n_users)
     # Popular items are rated a little higher, as in MovieLens.
     item_bias = rng.normal(0, 0.3, n_items) - 0.15 * np.log1p(popularity_rank / 100)
-    score = (
-        intercept
-        + user_bias[user]
-        + item_bias[item]
-        + 1.2 * (user_factors[user] * item_factors[item]).sum(axis=1)
-        + rng.normal(0, 0.5, len(user))
-    )
-    rating = np.clip(np.round(score * 2) / 2, 0.5, 5.0).astype(np.float32)
+    rating = np.empty(len(user), dtype=np.float32)
+    # In slices: two (ratings × rank) float64 gathers of the whole set would be 13 GB at 100 M ratings.
+    for first in range(0, len(user), SCORE_SLICE):
+        u, i = user[first : first + SCORE_SLICE], item[first : first + SCORE_SLICE]
+        score = (
+            intercept
+            + user_bias[u]
+            + item_bias[i]
+            + 1.2 * np.einsum("ij,ij->i", user_factors[u], item_factors[i])
+            + rng.normal(0, 0.5, len(u))
+        )
+        rating[first : first + len(u)] = np.clip(np.round(score * 2) / 2, 0.5, 5.0)
     start = 1_000_000_000 + rng.integers(0, 300_000_000, n_users)
     timestamp = start[user] + rng.integers(0, 50_000_000, len(user))
     order = rng.permutation(len(user))

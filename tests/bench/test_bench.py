@@ -26,7 +26,7 @@ from mf_dist.bench.suites import (
     reference_threads,
     relative_frobenius_error,
 )
-from mf_dist.bench.synthetic import synthetic_ratings
+from mf_dist.bench.synthetic import GENERATOR_VERSION, synthetic_ratings
 from mf_dist.runtime.cluster import visible_gpu_count
 from mf_dist.storage.reader import read_embeddings
 from tests.support.paths import REPO
@@ -191,7 +191,7 @@ def test_tiny_scale_data_is_fixed_and_well_formed(tmp_path):
     """The bench's own files: the generator at the bench's seed and intercept, the same every time."""
     tiny = SCALES["tiny"]
     directory = ratings_dir(tmp_path / "one", tiny)
-    assert directory.name == f"ratings-seed{DATA_SEED}-mu{RATING_INTERCEPT:g}"
+    assert directory.name == f"ratings-seed{DATA_SEED}-mu{RATING_INTERCEPT:g}-g{GENERATOR_VERSION}"
     first = pd.read_parquet(directory).reset_index(drop=True)
     again = pd.read_parquet(ratings_dir(tmp_path / "two", tiny)).reset_index(drop=True)
     assert first.equals(again)

@@ -89,13 +89,19 @@ def _run(config: RunConfig) -> PipelineSummary:
     # Prefect server and a cluster to start. (The flow takes the lock again
     # for the whole run.)
     check_schemas(
-        list_input_files(config.input),
+        list_input_files(config.input, config.storage_options),
         user_col=config.user_col,
         item_col=config.item_col,
         rating_col=config.rating_col,
         timestamp_col=config.timestamp_col,
+        storage_options=config.storage_options,
     )
-    with exclusive_run(config.output, config.resolved_work_dir, purpose="checking the output"):
+    with exclusive_run(
+        config.output,
+        config.resolved_work_dir,
+        purpose="checking the output",
+        storage_options=config.storage_options,
+    ):
         pass
     from mf_dist.flows.pipeline import factorization_pipeline
 

@@ -18,6 +18,13 @@ are only there to make the refusal message useful. On NFS, Linux maps
 client disappears; filesystems without locking make the run fail with a
 clear error rather than go unprotected.
 
+An output on an object store (a URL) cannot be flocked. In this release its
+run is protected only through the local work directory, which an object-store
+output must name and which is locked as above; two runs writing one URL from
+different work directories are not refused (each still publishes whole runs,
+``LATEST`` names one of them). Before any work the bucket is checked, so a
+missing bucket, missing credentials or a denied access fail first.
+
 With the lock held nobody else is writing here, so leftovers of a killed
 run (``runs/.<run_id>.partial/`` directories, ``.LATEST.*.tmp`` files) can
 be removed safely: :func:`remove_debris`.
@@ -36,8 +43,10 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mf_dist.errors import OutputError
+from mf_dist.storage.filesystems import check_bucket, is_remote, local_path
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +115,22 @@ def exclusive_directory(directory: str | Path, purpose: str = "") -> Iterator[Pa
 
 
 @contextlib.contextmanager
-def exclusive_run(output: str | Path, work_dir: str | Path, purpose: str = "") -> Iterator[None]:
-    """Hold the locks a pipeline run needs: its output, and its work directory when that is elsewhere."""
-    output = Path(output)
+def exclusive_run(
+    output: str | Path,
+    work_dir: str | Path,
+    purpose: str = "",
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[None]:
+    """Hold the locks a pipeline run needs: its output, and its work directory when that is elsewhere.
+
+    For an output URL: check its bucket, and lock the (local) work directory only.
+    """
+    if is_remote(output):
+        check_bucket(str(output), storage_options, OutputError)
+        with exclusive_directory(work_dir, purpose):
+            yield
+        return
+    output = Path(local_path(output))
     work_dir = Path(work_dir)
     with exclusive_directory(output, purpose):
         if work_dir.resolve().is_relative_to(output.resolve()):
@@ -126,8 +148,11 @@ def remove_debris(output: str | Path) -> list[Path]:
     belongs to a run that is no longer alive. Complete runs (``runs/<id>/``)
     are never touched, published or not.
     """
-    output = Path(output)
     removed: list[Path] = []
+    if is_remote(output):
+        # Unpublished runs on an object store are never read (no LATEST names them); left as they are.
+        return removed
+    output = Path(local_path(output))
     if not output.is_dir():
         return removed
     for table_dir in sorted(path for path in output.iterdir() if (path / "runs").is_dir()):

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mf_dist.errors import InputError
-from mf_dist.storage.filesystems import full_url, is_remote, local_path, resolve, storage_errors
+from mf_dist.storage.filesystems import check_bucket, full_url, is_remote, local_path, resolve, storage_errors
 
 GLOB_CHARACTERS = set("*?[")
 
@@ -83,7 +83,7 @@ def _list_remote(url: str, storage_options: dict[str, Any] | None) -> list[str]:
                 if not any(part.startswith((".", "_")) for part in p[len(base) :].strip("/").split("/"))
             ]
         else:
-            filesystem.ls(root.split("/", 1)[0], detail=False)  # a missing bucket says so
+            check_bucket(url, storage_options, InputError)  # a missing bucket says so
             raise InputError("input path does not exist", file=url)
     files = sorted(full_url(filesystem, p) for p in found)
     if not files:

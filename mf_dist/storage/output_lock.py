@@ -18,12 +18,17 @@ are only there to make the refusal message useful. On NFS, Linux maps
 client disappears; filesystems without locking make the run fail with a
 clear error rather than go unprotected.
 
-An output on an object store (a URL) cannot be flocked. In this release its
-run is protected only through the local work directory, which an object-store
-output must name and which is locked as above; two runs writing one URL from
-different work directories are not refused (each still publishes whole runs,
-``LATEST`` names one of them). Before any work the bucket is checked, so a
-missing bucket, missing credentials or a denied access fail first.
+An output on an object store (a URL) cannot be flocked. There the lock is
+the object ``<output>/.mf-dist.lock``, created only if absent (S3's
+conditional put, ``If-None-Match: *``, through s3fs ``mode="create"``) and
+holding an expiry time that the holder renews while it runs
+(:data:`REMOTE_LOCK_SECONDS`, renewed every third of it). A run killed
+without removing it blocks the output until the expiry passes; then the next
+run takes it over. The holder reads its lock back after creating it, so a
+store that ignores the condition still refuses the loser of all but an exact
+race. The (local) work directory is flocked as well. Before any work the
+bucket is checked, so a missing bucket, missing credentials or a denied
+access fail first.
 
 With the lock held nobody else is writing here, so leftovers of a killed
 run (``runs/.<run_id>.partial/`` directories, ``.LATEST.*.tmp`` files) can
@@ -39,14 +44,17 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from mf_dist.errors import OutputError
-from mf_dist.storage.filesystems import check_bucket, is_remote, local_path
+from mf_dist.storage.filesystems import check_bucket, is_remote, join, local_path, resolve, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +122,87 @@ def exclusive_directory(directory: str | Path, purpose: str = "") -> Iterator[Pa
         os.close(descriptor)
 
 
+REMOTE_LOCK_SECONDS = 600.0
+
+
+@contextlib.contextmanager
+def exclusive_object_store(
+    output: str,
+    purpose: str = "",
+    storage_options: dict[str, Any] | None = None,
+    lifetime: float = REMOTE_LOCK_SECONDS,
+) -> Iterator[None]:
+    """Hold the lock object of an output URL for the ``with`` block (see the module docstring)."""
+    filesystem, root = resolve(output, storage_options)
+    lock_path = join(root, LOCK_FILE)
+    token = secrets.token_hex(8)
+
+    def holder() -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "purpose": purpose,
+                "expires": now + lifetime,
+                "token": token,
+            }
+        ).encode()
+
+    def current() -> dict[str, Any] | None:
+        try:
+            return json.loads(filesystem.cat_file(lock_path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+
+    with storage_errors(output, OutputError):
+        for _ in range(2):
+            try:
+                filesystem.pipe_file(lock_path, holder(), mode="create")
+            except FileExistsError:
+                held = current()
+                if held is not None and float(held.get("expires", 0)) > time.time():
+                    description = (
+                        f"pid {held.get('pid')} on {held.get('host')}, started {held.get('started')}"
+                        + (f", {held['purpose']}" if held.get("purpose") else "")
+                    )
+                    raise OutputError(
+                        f"{output} is in use by another mf-dist run ({description}); wait until it has "
+                        f"finished (a killed run's lock expires {lifetime:.0f} s after its last renewal), "
+                        "or give this run another --output"
+                    ) from None
+                # Expired (its holder was killed) or unreadable: take it over.
+                with contextlib.suppress(FileNotFoundError):
+                    filesystem.rm_file(lock_path)
+                continue
+            if (current() or {}).get("token") != token:
+                raise OutputError(f"{output} is in use by another mf-dist run (it took the lock at once)")
+            break
+        else:
+            raise OutputError(f"{output}: could not take the output lock {LOCK_FILE}; try again")
+
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lifetime / 3):
+            with contextlib.suppress(Exception):
+                filesystem.pipe_file(lock_path, holder())
+
+    renewer = threading.Thread(target=renew, name="mf-dist-lock-renewal", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(Exception):
+            if (current() or {}).get("token") == token:
+                filesystem.rm_file(lock_path)
+
+
 @contextlib.contextmanager
 def exclusive_run(
     output: str | Path,
@@ -127,7 +216,10 @@ def exclusive_run(
     """
     if is_remote(output):
         check_bucket(str(output), storage_options, OutputError)
-        with exclusive_directory(work_dir, purpose):
+        with (
+            exclusive_object_store(str(output), purpose, storage_options),
+            exclusive_directory(work_dir, purpose),
+        ):
             yield
         return
     output = Path(local_path(output))

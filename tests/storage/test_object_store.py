@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,11 @@ import pytest
 
 from mf_dist import read_embeddings
 from mf_dist.config import load_config
-from mf_dist.errors import ConfigError, OutputError
+from mf_dist.errors import ConfigError, InputError, OutputError
 from mf_dist.flows.pipeline import factorization_pipeline
 from mf_dist.storage.filesystems import redacted_options, resolve
 from mf_dist.storage.input_files import check_schemas, list_input_files
+from mf_dist.storage.output_lock import exclusive_object_store
 from tests.support.data import write_input
 from tests.support.object_store import FAKE_CREDENTIALS, moto_server, worker_environment
 from tests.support.paths import REPO
@@ -137,8 +139,11 @@ def test_a_missing_bucket_is_one_line_and_nothing_is_published(s3, tmp_path):
     with pytest.raises(OutputError) as raised:
         read_embeddings(url)
     assert str(raised.value) == f"{url}: bucket 'no-such-bucket' does not exist"
-    with pytest.raises(Exception, match="bucket 'no-such-bucket' does not exist"):
+    with pytest.raises(InputError) as raised:
         list_input_files("s3://no-such-bucket/ratings/")
+    assert str(raised.value) == "s3://no-such-bucket/ratings/: bucket 'no-such-bucket' does not exist"
+    with pytest.raises(InputError, match=r"ratings-bucket/nothing-here: input path does not exist"):
+        list_input_files(f"s3://{BUCKET}/nothing-here")
 
     # The command line: exit status 2, one line, before any work, nothing written.
     work_dir = tmp_path / "work"
@@ -191,3 +196,48 @@ def test_storage_options_come_from_the_config_file_only(tmp_path, tiny_input):
     assert config.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
     with pytest.raises(ConfigError, match="give a local work_dir"):
         load_config(None, input=str(tiny_input), output=f"s3://{BUCKET}/out")
+
+
+def test_a_second_writer_of_one_output_url_is_refused_until_the_first_has_finished(s3):
+    output = f"s3://{BUCKET}/locked"
+    filesystem, root = resolve(output)
+    with exclusive_object_store(output, purpose="run A"):
+        assert filesystem.isfile(f"{root}/.mf-dist.lock")
+        with (
+            pytest.raises(OutputError, match=r"in use by another mf-dist run \(pid \d+ on .*, run A\)"),
+            exclusive_object_store(output, purpose="run B"),
+        ):
+            pass
+    assert not filesystem.exists(f"{root}/.mf-dist.lock")
+    with exclusive_object_store(output, purpose="run B"):
+        pass
+
+
+def test_the_expired_lock_of_a_killed_run_is_taken_over(s3):
+    output = f"s3://{BUCKET}/killed"
+    filesystem, root = resolve(output)
+    stale = {"pid": 1, "host": "gone", "started": "then", "expires": time.time() - 1, "token": "old"}
+    filesystem.pipe_file(f"{root}/.mf-dist.lock", json.dumps(stale).encode())
+    with exclusive_object_store(output, purpose="run C"):
+        held = json.loads(filesystem.cat_file(f"{root}/.mf-dist.lock"))
+        assert held["token"] != "old" and held["purpose"] == "run C"
+
+
+def test_no_credentials_is_one_line_naming_the_url(s3, monkeypatch, tmp_path):
+    from s3fs import S3FileSystem
+
+    for name in FAKE_CREDENTIALS:
+        if name != "AWS_DEFAULT_REGION":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(InputError) as raised:
+            list_input_files(f"s3://{BUCKET}/ratings/")
+        assert str(raised.value).startswith(f"s3://{BUCKET}/ratings/: no credentials for s3://;")
+        with pytest.raises(OutputError, match=r"^s3://ratings-bucket/out: no credentials for s3://;"):
+            read_embeddings(f"s3://{BUCKET}/out")
+    finally:
+        S3FileSystem.clear_instance_cache()

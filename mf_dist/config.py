@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from mf_dist.errors import ConfigError
@@ -122,6 +122,12 @@ class RunConfig(TrainingOptions):
         if self.scheduler and self.cluster.kind != "local":
             raise ValueError(f"scheduler and cluster.kind = {self.cluster.kind!r} both say where workers are")
         return self
+
+    @field_validator("input", "output", "work_dir")
+    @classmethod
+    def _file_urls_are_paths(cls, value: str | None) -> str | None:
+        # file:///data/x is /data/x: every local code path then sees a plain path.
+        return None if value is None else local_path(value)
 
     @model_validator(mode="after")
     def _urls_are_usable(self) -> RunConfig:

@@ -241,3 +241,25 @@ def test_no_credentials_is_one_line_naming_the_url(s3, monkeypatch, tmp_path):
             read_embeddings(f"s3://{BUCKET}/out")
     finally:
         S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.parametrize(("url", "package", "extra"), [("gs://bucket/out", "gcsfs", "gcs")])
+def test_a_missing_extra_names_the_pip_command(url, package, extra):
+    try:
+        __import__(package)
+    except ImportError:
+        pass
+    else:
+        pytest.skip(f"{package} is installed here")
+    with pytest.raises(ConfigError) as raised:
+        read_embeddings(url)
+    assert (
+        str(raised.value)
+        == f"{url}: gs:// needs {package}, which is not installed: pip install 'mf-dist[{extra}]'"
+    )
+
+
+def test_file_urls_are_local_paths(tmp_path, tiny_input):
+    config = load_config(None, input=f"file://{tiny_input}", output=f"file://{tmp_path}/out")
+    assert (config.input, config.output) == (str(tiny_input), f"{tmp_path}/out")
+    assert list_input_files(f"file://{tiny_input}") == list_input_files(str(tiny_input))

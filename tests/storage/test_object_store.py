@@ -65,13 +65,8 @@ def run(client, input_path: str, output: str, work_dir: Path, **settings: object
         input=input_path,
         output=output,
         work_dir=str(work_dir),
-        model="explicit",
-        rank=4,
-        epochs=3,
-        block_size=100,
-        seed=3,
         scheduler=client.scheduler.address,
-        **settings,
+        **{"model": "explicit", "rank": 4, "epochs": 3, "block_size": 100, "seed": 3, **settings},
     )
     return factorization_pipeline(config)
 
@@ -263,3 +258,32 @@ def test_file_urls_are_local_paths(tmp_path, tiny_input):
     config = load_config(None, input=f"file://{tiny_input}", output=f"file://{tmp_path}/out")
     assert (config.input, config.output) == (str(tiny_input), f"{tmp_path}/out")
     assert list_input_files(f"file://{tiny_input}") == list_input_files(str(tiny_input))
+
+
+def test_a_failed_export_publishes_nothing_and_latest_stays_on_the_previous_run(
+    prefect_server, s3, client, tmp_path, tiny_input
+):
+    """Workers without credentials: the parts cannot be written, the run fails with one line."""
+    output = f"s3://{BUCKET}/failing"
+    first = run(client, str(tiny_input), output, tmp_path / "work")
+    filesystem, root = resolve(output)
+    without_credentials = {name: None for name in FAKE_CREDENTIALS if name != "AWS_DEFAULT_REGION"}
+    without_credentials |= {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    with (
+        worker_environment(client, without_credentials),
+        pytest.raises(
+            OutputError,
+            match=rf"^{output}/(items|users)/runs/[^ /]+/part-00000.parquet: no credentials for s3://;",
+        ),
+    ):
+        run(client, str(tiny_input), output, tmp_path / "work", epochs=2)
+    for table in ("items", "users"):
+        assert filesystem.cat_file(f"{root}/{table}/LATEST").decode().strip() == first.run_id
+        runs = [path.rsplit("/", 1)[1] for path in filesystem.ls(f"{root}/{table}/runs", detail=False)]
+        assert runs == [first.run_id]
+    assert not filesystem.exists(f"{root}/.mf-dist.lock")
+    assert read_embeddings(output).manifest["run_id"] == first.run_id

@@ -46,7 +46,8 @@ class RunConfig(TrainingOptions):
         default_factory=dict,
         description=(
             "Options of the object store's filesystem (fsspec), e.g. endpoint_url or region_name; "
-            "config file only ([storage_options]); credentials are best left to the store's own chain."
+            "config file only ([storage_options]); keep credentials in the store's own chain (the run "
+            "config is also the Prefect flow run's parameters)."
         ),
         json_schema_extra={"flag": False},
     )

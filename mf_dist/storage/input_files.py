@@ -72,7 +72,8 @@ def _list_remote(url: str, storage_options: dict[str, Any] | None) -> list[str]:
     filesystem, root = resolve(url, storage_options)
     with storage_errors(url, InputError):
         if GLOB_CHARACTERS & set(root):
-            found = [p for p in filesystem.glob(root) if filesystem.isfile(p)]
+            matches = filesystem.glob(root, detail=True)
+            found = [p for p, info in matches.items() if info.get("type") == "file"]
         elif filesystem.isfile(root):
             found = [root]
         elif filesystem.isdir(root):

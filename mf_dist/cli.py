@@ -237,8 +237,10 @@ def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
         )
     if summary.export.tables:
         from mf_dist.stages.export import LOSS_CURVE_FILE
+        from mf_dist.storage.filesystems import join
 
-        overview.add_row("loss curve", str(Path(summary.export.tables[0].path) / LOSS_CURVE_FILE))
+        # join, not Path: the tables may be on an object store (s3://...).
+        overview.add_row("loss curve", join(summary.export.tables[0].path, LOSS_CURVE_FILE))
     console.print(overview)
 
     stages = Table(title="stages")

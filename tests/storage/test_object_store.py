@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
-from mf_dist import read_embeddings
+from mf_dist import cli, read_embeddings
 from mf_dist.config import load_config
 from mf_dist.errors import ConfigError, InputError, OutputError
 from mf_dist.flows.pipeline import factorization_pipeline
@@ -106,6 +107,13 @@ def test_a_run_on_the_object_store_publishes_the_tables_of_a_local_run(
         assert np.array_equal(read.bias, expected.bias)
         assert from_store.num_rows == len(expected)
         assert local.final_loss == remote.final_loss
+
+    # mf-dist inspect reads the manifests from the store.
+    shown = CliRunner().invoke(cli.app, ["inspect", output], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert f"items · run {remote.run_id} (current)" in shown.output
+    assert f"users · run {remote.run_id} (current)" in shown.output
+    assert f"s3://{BUCKET}/out/items/runs/{remote.run_id}/_loss_curve.png" in shown.output
 
     # A second run moves LATEST; the first stays readable by its run URL.
     again = run(client, f"s3://{BUCKET}/ratings/", output, tmp_path / "work-s3")

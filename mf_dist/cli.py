@@ -89,13 +89,19 @@ def _run(config: RunConfig) -> PipelineSummary:
     # Prefect server and a cluster to start. (The flow takes the lock again
     # for the whole run.)
     check_schemas(
-        list_input_files(config.input),
+        list_input_files(config.input, config.storage_options),
         user_col=config.user_col,
         item_col=config.item_col,
         rating_col=config.rating_col,
         timestamp_col=config.timestamp_col,
+        storage_options=config.storage_options,
     )
-    with exclusive_run(config.output, config.resolved_work_dir, purpose="checking the output"):
+    with exclusive_run(
+        config.output,
+        config.resolved_work_dir,
+        purpose="checking the output",
+        storage_options=config.storage_options,
+    ):
         pass
     from mf_dist.flows.pipeline import factorization_pipeline
 
@@ -231,8 +237,10 @@ def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
         )
     if summary.export.tables:
         from mf_dist.stages.export import LOSS_CURVE_FILE
+        from mf_dist.storage.filesystems import join
 
-        overview.add_row("loss curve", str(Path(summary.export.tables[0].path) / LOSS_CURVE_FILE))
+        # join, not Path: the tables may be on an object store (s3://...).
+        overview.add_row("loss curve", join(summary.export.tables[0].path, LOSS_CURVE_FILE))
     console.print(overview)
 
     stages = Table(title="stages")

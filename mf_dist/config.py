@@ -13,13 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from mf_dist.errors import ConfigError
 from mf_dist.registry import ModelDefaults, model_spec
 from mf_dist.runtime.cluster_settings import ClusterSettings
 from mf_dist.settings import DuplicatePolicy, NeighborsMetric, TrainingOptions, TrainSettings
+from mf_dist.storage.filesystems import check_url, is_remote, local_path
 
 
 class RunConfig(TrainingOptions):
@@ -32,9 +33,24 @@ class RunConfig(TrainingOptions):
     its description the flag's help.
     """
 
-    input: str = Field(description="Parquet file, directory of Parquet files, or glob of ratings.")
-    output: str = Field(description="Directory that receives the published tables.")
-    work_dir: str | None = Field(None, description="Intermediate data (default: <output>/_work).")
+    input: str = Field(
+        description="Parquet file, directory of Parquet files, or glob of ratings; a path or a URL (s3://...)."
+    )
+    output: str = Field(
+        description="Directory or URL (s3://bucket/prefix) that receives the published tables."
+    )
+    work_dir: str | None = Field(
+        None, description="Intermediate data, a local directory (default: <output>/_work for a local output)."
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Options of the object store's filesystem (fsspec), e.g. endpoint_url or region_name; "
+            "config file only ([storage_options]); keep credentials in the store's own chain (the run "
+            "config is also the Prefect flow run's parameters)."
+        ),
+        json_schema_extra={"flag": False},
+    )
 
     block_size: int = Field(
         4096, ge=16, le=1 << 20, description="Users or items per block (memory per task)."
@@ -108,8 +124,44 @@ class RunConfig(TrainingOptions):
             raise ValueError(f"scheduler and cluster.kind = {self.cluster.kind!r} both say where workers are")
         return self
 
+    @field_validator("input", "output", "work_dir")
+    @classmethod
+    def _file_urls_are_paths(cls, value: str | None) -> str | None:
+        # file:///data/x is /data/x: every local code path then sees a plain path.
+        return None if value is None else local_path(value)
+
+    @model_validator(mode="after")
+    def _urls_are_usable(self) -> RunConfig:
+        for name in ("input", "output", "work_dir", "init_from"):
+            value = getattr(self, name, None)
+            if value is not None:
+                try:
+                    check_url(str(value))
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
+        if self.work_dir is not None and is_remote(self.work_dir):
+            raise ValueError(
+                f"work_dir {self.work_dir!r}: the work directory must be a local path in this release"
+            )
+        if is_remote(self.output):
+            if self.work_dir is None:
+                raise ValueError(
+                    f"output {self.output!r} is a URL: give a local work_dir (--work-dir) for the "
+                    "intermediate data"
+                )
+            if self.neighbors:
+                raise ValueError("neighbors: not yet available with a URL output; publish them locally")
+        init_from = getattr(self, "init_from", None)
+        if init_from is not None and is_remote(str(init_from)):
+            raise ValueError(f"init_from {init_from!r}: a warm start from a URL is not yet available")
+        return self
+
     @model_validator(mode="after")
     def _paths_differ(self) -> RunConfig:
+        if is_remote(self.input) or is_remote(self.output):
+            if self.input.rstrip("/") == self.output.rstrip("/"):
+                raise ValueError("output must differ from input")
+            return self
         if Path(self.output).resolve() == Path(self.input).resolve():
             raise ValueError("output must differ from input")
         # Input directories are read recursively: tables or work files written
@@ -171,7 +223,7 @@ class RunConfig(TrainingOptions):
 
     @property
     def resolved_work_dir(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(self.output) / "_work"
+        return Path(local_path(self.work_dir)) if self.work_dir else Path(local_path(self.output)) / "_work"
 
 
 def input_directory(path: str) -> Path:

@@ -103,6 +103,15 @@ def option_parameter(owner: type[BaseModel], name: str, panel: str | None = None
     )
 
 
+def is_flag(field: FieldInfo) -> bool:
+    """Whether a field gets a flag: all do but those declared ``json_schema_extra={"flag": False}``.
+
+    Such a field (a mapping, say) is set in the config file only; it still needs a description.
+    """
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("flag") is False)
+
+
 def _given(context: typer.Context, name: str) -> bool:
     """Whether the user gave option ``name`` (rather than click filling in its default)."""
     source = context.get_parameter_source(name)
@@ -123,7 +132,11 @@ def config_flags(
     of a field's flag (None: the command's own). The command's own
     parameters must not share a name with a chosen field (ValueError).
     """
-    chosen = list(owner.model_fields) if names is None else list(names)
+    chosen = (
+        [name for name, field in owner.model_fields.items() if is_flag(field)]
+        if names is None
+        else list(names)
+    )
 
     def decorate(command: Callable[..., T]) -> Callable[..., T]:
         signature = inspect.signature(command, eval_str=True)

@@ -14,7 +14,14 @@ from rich.table import Table
 from rich.text import Text
 
 from mf_dist.errors import NotFoundError, OutputError
-from mf_dist.storage.reader import LATEST_FILE, MANIFEST_FILE, read_manifest, resolve_run_dir
+from mf_dist.storage.filesystems import is_remote, join, local_path, resolve, storage_errors
+from mf_dist.storage.reader import (
+    LATEST_FILE,
+    MANIFEST_FILE,
+    read_manifest,
+    resolve_remote_run,
+    resolve_run_dir,
+)
 from mf_dist.terminal.text_chart import text_chart
 
 console = Console()
@@ -36,10 +43,38 @@ def runs_to_inspect(path: Path) -> list[Path]:
     return [resolve_run_dir(table) for table in tables]
 
 
-def _size(run_dir: Path, files: list[dict[str, Any]]) -> str:
-    total = sum(
-        (run_dir / entry["name"]).stat().st_size for entry in files if (run_dir / entry["name"]).exists()
-    )
+def remote_runs_to_inspect(url: str) -> list[str]:
+    """:func:`runs_to_inspect` for a URL (``s3://bucket/out``): the URLs of the runs it designates."""
+    filesystem, root = resolve(url)
+    root = root.rstrip("/")
+    with storage_errors(url, OutputError):
+        if filesystem.isfile(join(root, MANIFEST_FILE)) or filesystem.isfile(join(root, LATEST_FILE)):
+            return [resolve_remote_run(url)]
+        children = filesystem.ls(root, detail=False) if filesystem.isdir(root) else []
+        tables = sorted(
+            (
+                child.rstrip("/").rsplit("/", 1)[-1]
+                for child in children
+                if filesystem.isfile(join(child, LATEST_FILE))
+            ),
+            key=lambda name: (TABLE_ORDER.get(name, len(TABLE_ORDER)), name),
+        )
+    if not tables:
+        return [resolve_remote_run(url)]  # raises the error that says what was expected
+    return [resolve_remote_run(join(url, table)) for table in tables]
+
+
+def _size(run_dir: Path | str, files: list[dict[str, Any]]) -> str:
+    if is_remote(run_dir):
+        filesystem, root = resolve(str(run_dir))
+        sizes = filesystem.ls(root, detail=True)
+        by_name = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size") or 0 for info in sizes}
+        total = sum(by_name.get(entry["name"], 0) for entry in files)
+    else:
+        run_dir = Path(run_dir)
+        total = sum(
+            (run_dir / entry["name"]).stat().st_size for entry in files if (run_dir / entry["name"]).exists()
+        )
     for unit in ("B", "KiB", "MiB", "GiB"):
         if total < 1024 or unit == "GiB":
             return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"
@@ -61,7 +96,7 @@ def training_seconds(history: list[dict[str, Any]]) -> float:
     return max((float(record.get("seconds", 0.0)) for record in history), default=0.0)
 
 
-def describe_run(run_dir: Path, *, current: bool) -> Panel:
+def describe_run(run_dir: Path | str, *, current: bool) -> Panel:
     """A panel summarising one run's manifest: what, how big, how well, and its loss curve."""
     manifest = read_manifest(run_dir)
     facts = Table.grid(padding=(0, 2))
@@ -110,18 +145,28 @@ def describe_run(run_dir: Path, *, current: bool) -> Panel:
             facts.add_row("input", f"{manifest['input_rows']:,} ratings, fingerprint {fingerprint}")
         facts.add_row("device", str(manifest.get("device", "?")))
         if manifest.get("loss_curve"):
-            facts.add_row("loss curve", str(run_dir / manifest["loss_curve"]))
+            facts.add_row("loss curve", join(str(run_dir), manifest["loss_curve"]))
         chart = text_chart([r["epoch"] for r in history], [r["loss"] for r in history])
         body = Group(facts, Text(""), Text("\n".join(chart))) if chart else facts
-    title = f"{manifest.get('table', '?')} · run {manifest.get('run_id', run_dir.name)}"
+    title = f"{manifest.get('table', '?')} · run {manifest.get('run_id', str(run_dir).rsplit('/', 1)[-1])}"
     return Panel(body, title=title + (" (current)" if current else ""), title_align="left", expand=False)
 
 
 def inspect_run(
-    path: Annotated[Path, typer.Argument(help="Output directory, table directory (e.g. out/items) or run.")],
+    path: Annotated[
+        str, typer.Argument(help="Output directory, table directory (e.g. out/items) or run; or its URL.")
+    ],
 ) -> None:
     """Summarise published runs: model, rank, rows, metrics and the loss curve."""
-    for run_dir in runs_to_inspect(path):
+    if is_remote(path):
+        for run_url in remote_runs_to_inspect(path):
+            table_url, run_id = run_url.rsplit("/runs/", 1)
+            filesystem, table_path = resolve(table_url)
+            with storage_errors(table_url, OutputError):
+                latest = filesystem.cat_file(join(table_path, LATEST_FILE)).decode().strip()
+            console.print(describe_run(run_url, current=latest == run_id))
+        return
+    for run_dir in runs_to_inspect(Path(local_path(path))):
         latest = run_dir.parent.parent / LATEST_FILE
         current = latest.is_file() and latest.read_text().strip() == run_dir.name
         console.print(describe_run(run_dir, current=current))

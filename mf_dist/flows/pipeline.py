@@ -69,6 +69,7 @@ STAGE_CACHE = StageKeyPolicy()
 OPERATIONAL_SETTINGS = frozenset(
     {
         "output",
+        "storage_options",
         "workers",
         "threads_per_worker",
         "scheduler",
@@ -170,7 +171,13 @@ def ingest_task(scheduler: str, config: RunConfig, stage_key: str) -> tuple[Inge
         lambda: _run_stage(
             "ingest",
             scheduler,
-            lambda client: ingest_ratings(client, config.input, work_dir, **ingest_arguments(config)),
+            lambda client: ingest_ratings(
+                client,
+                config.input,
+                work_dir,
+                **ingest_arguments(config),
+                storage_options=config.storage_options,
+            ),
         ),
     )
 
@@ -235,6 +242,7 @@ def export_task(
             run_id=run_id,
             config=config.model_dump(mode="json"),
             extra_manifest={"evaluation": evaluation} if evaluation else None,
+            storage_options=config.storage_options,
         ),
     )
 
@@ -310,11 +318,15 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         "run %s: %s model, rank %d, input %s", run_id, config.model, config.resolved_rank, config.input
     )
     work_dir = config.resolved_work_dir
-    fingerprint = input_fingerprint(list_input_files(config.input))
+    fingerprint = input_fingerprint(
+        list_input_files(config.input, config.storage_options), config.storage_options
+    )
     # One run at a time per output and work directory (see mf_dist.storage.output_lock);
     # taken first, so that an unwritable or busy output fails before any work.
     with (
-        exclusive_run(config.output, work_dir, purpose=f"run {run_id}"),
+        exclusive_run(
+            config.output, work_dir, purpose=f"run {run_id}", storage_options=config.storage_options
+        ),
         open_client(
             workers=config.workers,
             threads_per_worker=config.threads_per_worker,

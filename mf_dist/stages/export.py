@@ -12,6 +12,10 @@ A run is written under ``runs/.<run_id>.partial/``, renamed to
 ``os.replace``. A reader that follows ``LATEST`` therefore always sees a
 complete table; a crash at any point leaves the previous run current.
 
+On an object store (``--output s3://bucket/prefix``) a run is written straight
+under ``runs/<run_id>/`` (parts, picture, manifest last) and published by one
+small-object put of ``LATEST`` (see :mod:`mf_dist.storage.publish`).
+
 Reading the current table by hand::
 
     run = open("out/items/LATEST").read().strip()
@@ -20,10 +24,12 @@ Reading the current table by hand::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +41,18 @@ from pydantic import BaseModel
 
 from mf_dist.errors import OutputError
 from mf_dist.storage.factor_files import FactorTable, TrainResult
+from mf_dist.storage.filesystems import (
+    check_bucket,
+    is_remote,
+    join,
+    local_path,
+    redacted_options,
+    resolve,
+    storage_errors,
+)
 from mf_dist.storage.ingested import IngestResult
-from mf_dist.storage.publish import fsync_path, move_into_place, publish_run
+from mf_dist.storage.publish import fsync_path, move_into_place, publish_run, publish_run_remote
+from mf_dist.storage.reader import MANIFEST_FILE
 from mf_dist.storage.schema import FORMAT_VERSION, embedding_table_schema
 from mf_dist.terminal.loss_plot import write_loss_curve_png
 
@@ -71,8 +87,13 @@ def write_part(
     id_column: str,
     id_type: str,
     path: str,
+    storage_options: dict[str, Any] | None = None,
 ) -> int:
-    """Write the rows of ``blocks`` (consecutive) as one Parquet file; returns its row count."""
+    """Write the rows of ``blocks`` (consecutive) as one Parquet file; returns its row count.
+
+    ``path`` may be an object-store URL; the worker opens it with ``storage_options``
+    and the credentials of its own environment.
+    """
     start = table.grid.bounds(blocks[0])[0]
     stop = table.grid.bounds(blocks[-1])[1]
     ids = pq.read_table(
@@ -93,7 +114,13 @@ def write_part(
     ]
     if table.has_bias:
         columns.append(pa.array(np.concatenate(biases).astype(np.float32)))
-    pq.write_table(pa.Table.from_arrays(columns, schema=schema), path, row_group_size=len(flat))
+    rows = pa.Table.from_arrays(columns, schema=schema)
+    if is_remote(path):
+        filesystem, inside = resolve(path, storage_options)
+        with storage_errors(path, OutputError):
+            pq.write_table(rows, inside, filesystem=filesystem, row_group_size=len(flat))
+        return len(flat)
+    pq.write_table(rows, path, row_group_size=len(flat))
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
     return len(flat)
@@ -116,13 +143,18 @@ def export_tables(
     run_id: str,
     config: dict[str, Any],
     extra_manifest: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Write every trained table under ``runs/<run_id>/`` and then publish them.
 
     All tables are written completely before the first ``LATEST`` moves, so a
     failure while writing leaves every table on its previous run.
     """
-    output = Path(output)
+    if is_remote(str(output)):
+        return _export_remote(
+            client, train, ingest, str(output), run_id, config, extra_manifest, storage_options or {}
+        )
+    output = Path(local_path(output))
     written: list[tuple[Path, Path, PublishedTable]] = []
     try:
         for table in train.tables:
@@ -138,19 +170,66 @@ def export_tables(
     return ExportResult(run_id=run_id, tables=[published for _, _, published in written])
 
 
-def _write_table(
+def _export_remote(
+    client: Client,
+    train: TrainResult,
+    ingest: IngestResult,
+    output: str,
+    run_id: str,
+    config: dict[str, Any],
+    extra_manifest: dict[str, Any] | None,
+    storage_options: dict[str, Any],
+) -> ExportResult:
+    """:func:`export_tables` on an object store: runs/<run_id>/ per table, manifests last, then LATESTs."""
+    filesystem, _ = resolve(output, storage_options)
+    check_bucket(output, storage_options, OutputError)
+    written: list[tuple[str, PublishedTable]] = []
+    try:
+        with storage_errors(output, OutputError):
+            for table in train.tables:
+                table_url = join(output, table.name)
+                run_url = join(table_url, "runs", run_id)
+                manifest, published = _write_parts(
+                    client, table, train, ingest, run_url, run_id, config, extra_manifest, storage_options
+                )
+                with tempfile.TemporaryDirectory() as scratch:
+                    picture = write_loss_curve_png(
+                        train.history,
+                        Path(scratch) / LOSS_CURVE_FILE,
+                        f"{train.model}, rank {train.rank}: {table.name}, run {run_id}",
+                    )
+                    filesystem.put_file(
+                        str(picture), resolve(join(run_url, LOSS_CURVE_FILE), storage_options)[1]
+                    )
+                filesystem.pipe_file(
+                    resolve(join(run_url, MANIFEST_FILE), storage_options)[1],
+                    json.dumps(manifest, indent=2, default=str).encode(),
+                )
+                written.append((table_url, published))
+    except BaseException:
+        # Nothing was published; take the unfinished runs away (best effort).
+        for table in train.tables:
+            run_path = resolve(join(output, table.name, "runs", run_id), storage_options)[1]
+            with contextlib.suppress(Exception):
+                filesystem.rm(run_path, recursive=True)
+        raise
+    for table_url, _ in written:
+        publish_run_remote(table_url, run_id, storage_options)
+    return ExportResult(run_id=run_id, tables=[published for _, published in written])
+
+
+def _write_parts(
     client: Client,
     table: FactorTable,
     train: TrainResult,
     ingest: IngestResult,
-    output: Path,
+    run_location: str,
     run_id: str,
     config: dict[str, Any],
     extra_manifest: dict[str, Any] | None,
-) -> tuple[Path, Path, PublishedTable]:
-    table_dir = output / table.name
-    partial = table_dir / "runs" / f".{run_id}.partial"
-    partial.mkdir(parents=True, exist_ok=False)
+    storage_options: dict[str, Any] | None,
+) -> tuple[dict[str, Any], PublishedTable]:
+    """Write a table's parts (on the workers) under ``run_location``; returns its manifest and record."""
     if table.name == "users":
         id_map, id_column, id_type = ingest.users_path, "user_id", ingest.user_id_type
     else:
@@ -159,7 +238,16 @@ def _write_table(
     names = [f"part-{index:05d}.parquet" for index in range(len(plan))]
     rows = client.gather(
         [
-            client.submit(write_part, table, blocks, str(id_map), id_column, id_type, str(partial / name))
+            client.submit(
+                write_part,
+                table,
+                blocks,
+                str(id_map),
+                id_column,
+                id_type,
+                join(run_location, name),
+                storage_options,
+            )
             for blocks, name in zip(plan, names, strict=True)
         ]
     )
@@ -189,30 +277,57 @@ def _write_table(
         "input_fingerprint": ingest.fingerprint,
         "input_rows": ingest.n_ratings,
         "device": train.device,
-        "config": config,
+        "config": _without_secrets(config),
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     if train.global_mean is not None:
         manifest["global_mean"] = train.global_mean
         manifest["prediction_rule"] = PREDICTION_RULE
     manifest.update(extra_manifest or {})
+    published = PublishedTable(
+        name=table.name,
+        path=join(str(run_location).rsplit("/", 2)[0], "runs", run_id),
+        run_id=run_id,
+        rows=int(sum(rows)),
+        files=names,
+    )
+    return manifest, published
+
+
+def _without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config for a manifest: ``storage_options`` with secret-looking values masked."""
+    if config.get("storage_options"):
+        return {**config, "storage_options": redacted_options(config["storage_options"])}
+    return config
+
+
+def _write_table(
+    client: Client,
+    table: FactorTable,
+    train: TrainResult,
+    ingest: IngestResult,
+    output: Path,
+    run_id: str,
+    config: dict[str, Any],
+    extra_manifest: dict[str, Any] | None,
+) -> tuple[Path, Path, PublishedTable]:
+    table_dir = output / table.name
+    partial = table_dir / "runs" / f".{run_id}.partial"
+    partial.mkdir(parents=True, exist_ok=False)
+    manifest, published = _write_parts(
+        client, table, train, ingest, str(partial), run_id, config, extra_manifest, None
+    )
     loss_curve = write_loss_curve_png(
         train.history,
         partial / LOSS_CURVE_FILE,
         f"{train.model}, rank {train.rank}: {table.name}, run {run_id}",
     )
     fsync_path(loss_curve)
-    manifest_path = partial / "_manifest.json"
+    manifest_path = partial / MANIFEST_FILE
     with open(manifest_path, "w") as handle:
         json.dump(manifest, handle, indent=2, default=str)
         handle.flush()
         os.fsync(handle.fileno())
     fsync_path(partial)
-    published = PublishedTable(
-        name=table.name,
-        path=str(table_dir / "runs" / run_id),
-        run_id=run_id,
-        rows=int(sum(rows)),
-        files=names,
-    )
+    published = published.model_copy(update={"path": str(table_dir / "runs" / run_id)})
     return table_dir, partial, published

@@ -20,6 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.dataframe as dd
@@ -32,6 +33,7 @@ from distributed import Client, wait
 from mf_dist.blocks import BlockGrid
 from mf_dist.errors import InputError
 from mf_dist.settings import DuplicatePolicy
+from mf_dist.storage.filesystems import common_prefix, is_remote
 from mf_dist.storage.ingested import HOLDOUT_DIR, IngestResult, liked_mask
 from mf_dist.storage.input_files import InputColumns, check_schemas, input_fingerprint, list_input_files
 from mf_dist.storage.schema import INGEST_DIR, RATINGS_SCHEMA, ratings_block_name
@@ -395,6 +397,7 @@ def ingest_ratings(
     seed: int = 0,
     rating_min: float | None = None,
     rating_max: float | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> IngestResult:
     """Run the ingest stage on the cluster of ``client``; see the module docstring.
 
@@ -407,9 +410,14 @@ def ingest_ratings(
     reaching ``like_threshold``, or a single user or item); in that case
     nothing is left in the work directory's ingest folder.
     """
-    files = list_input_files(input_path)
+    files = list_input_files(input_path, storage_options)
     columns = check_schemas(
-        files, user_col=user_col, item_col=item_col, rating_col=rating_col, timestamp_col=timestamp_col
+        files,
+        user_col=user_col,
+        item_col=item_col,
+        rating_col=rating_col,
+        timestamp_col=timestamp_col,
+        storage_options=storage_options,
     )
     policy = resolve_duplicate_policy(duplicates, columns, timestamp_col)
     directory = Path(work_dir) / INGEST_DIR
@@ -433,6 +441,7 @@ def ingest_ratings(
             block_size,
             split,
             rating_range=(rating_min, rating_max),
+            storage_options=storage_options,
         )
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -454,8 +463,17 @@ def _ingest(
     block_size: int,
     holdout: HoldoutSplit | None = None,
     rating_range: tuple[float | None, float | None] = (None, None),
+    storage_options: dict[str, Any] | None = None,
 ) -> IngestResult:
-    frame = dd.read_parquet(files, columns=columns.names, split_row_groups=False)
+    # On an object store the workers open the files themselves, through fsspec,
+    # with these options and the credentials of their own environment.
+    remote = is_remote(files[0])
+    frame = dd.read_parquet(
+        files,
+        columns=columns.names,
+        split_row_groups=False,
+        **({"storage_options": dict(storage_options or {})} if remote else {}),
+    )
     partitions = frame.to_delayed()
     if len(partitions) != len(files):
         raise RuntimeError(f"expected one partition per file, got {len(partitions)} for {len(files)}")
@@ -474,7 +492,7 @@ def _ingest(
     for scan in scans:
         if scan.problem is not None:
             raise scan.problem
-    source = os.path.commonpath(files)
+    source = common_prefix(files) if remote else os.path.commonpath(files)
     if sum(scan.n_rows for scan in scans) == 0:
         raise InputError(f"the input has no rows: {len(files)} Parquet file(s), all empty", file=source)
     if like_threshold is not None and sum(int(scan.item_likes.sum()) for scan in scans) == 0:
@@ -573,7 +591,7 @@ def _ingest(
     result = IngestResult(
         directory=str(directory),
         files=files,
-        fingerprint=input_fingerprint(files),
+        fingerprint=input_fingerprint(files, storage_options),
         n_users=len(user_index),
         n_items=n_items,
         n_ratings=n_ratings,

@@ -11,11 +11,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mf_dist.errors import InputError
+from mf_dist.storage.filesystems import check_bucket, full_url, is_remote, local_path, resolve, storage_errors
 
 GLOB_CHARACTERS = set("*?[")
 
@@ -36,13 +38,17 @@ class InputColumns:
         return [c for c in (self.user, self.item, self.rating, self.timestamp) if c is not None]
 
 
-def list_input_files(path: str) -> list[str]:
+def list_input_files(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """The Parquet files of ``path``: a file, a directory (recursively) or a glob.
 
     Names starting with ``.`` or ``_`` (``_SUCCESS``, ``_metadata``, ``.crc``)
     are skipped, as Spark and Dask do. The list is sorted, so it does not
-    depend on the order the filesystem lists files in.
+    depend on the order the filesystem lists files in. ``path`` may be a URL
+    (``s3://bucket/ratings/``); then the files are URLs too.
     """
+    if is_remote(path):
+        return _list_remote(path, storage_options)
+    path = local_path(path)
     if GLOB_CHARACTERS & set(path):
         files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
     elif os.path.isdir(path):
@@ -62,6 +68,30 @@ def list_input_files(path: str) -> list[str]:
     return files
 
 
+def _list_remote(url: str, storage_options: dict[str, Any] | None) -> list[str]:
+    filesystem, root = resolve(url, storage_options)
+    with storage_errors(url, InputError):
+        if GLOB_CHARACTERS & set(root):
+            matches = filesystem.glob(root, detail=True)
+            found = [p for p, info in matches.items() if info.get("type") == "file"]
+        elif filesystem.isfile(root):
+            found = [root]
+        elif filesystem.isdir(root):
+            base = root.rstrip("/")
+            found = [
+                p
+                for p in filesystem.find(base)
+                if not any(part.startswith((".", "_")) for part in p[len(base) :].strip("/").split("/"))
+            ]
+        else:
+            check_bucket(url, storage_options, InputError)  # a missing bucket says so
+            raise InputError("input path does not exist", file=url)
+    files = sorted(full_url(filesystem, p) for p in found)
+    if not files:
+        raise InputError("no Parquet files found", file=url)
+    return files
+
+
 def _id_kind(data_type: pa.DataType) -> str | None:
     if pa.types.is_dictionary(data_type):
         data_type = data_type.value_type
@@ -73,7 +103,13 @@ def _id_kind(data_type: pa.DataType) -> str | None:
 
 
 def check_schemas(
-    files: list[str], *, user_col: str, item_col: str, rating_col: str, timestamp_col: str
+    files: list[str],
+    *,
+    user_col: str,
+    item_col: str,
+    rating_col: str,
+    timestamp_col: str,
+    storage_options: dict[str, Any] | None = None,
 ) -> InputColumns:
     """Check every file's footer; return the columns the pipeline will read.
 
@@ -85,9 +121,14 @@ def check_schemas(
     schemas: list[pa.Schema] = []
     for file in files:
         try:
-            schemas.append(pq.read_schema(file))
+            if is_remote(file):
+                filesystem, inside = resolve(file, storage_options)
+                with storage_errors(file, InputError), filesystem.open(inside, "rb") as handle:
+                    schemas.append(pq.read_schema(handle))
+            else:
+                schemas.append(pq.read_schema(file))
         except (pa.ArrowInvalid, OSError) as exc:
-            if not _starts_like_parquet(file):
+            if not _starts_like_parquet(file, storage_options):
                 raise InputError(
                     "not a Parquet file (it does not begin with the Parquet magic bytes PAR1); "
                     "remove it from the input directory or point --input at the Parquet files only",
@@ -153,9 +194,10 @@ def check_schemas(
     )
 
 
-def _starts_like_parquet(file: str) -> bool:
+def _starts_like_parquet(file: str, storage_options: dict[str, Any] | None = None) -> bool:
     try:
-        with open(file, "rb") as handle:
+        filesystem, inside = resolve(file, storage_options)
+        with filesystem.open(inside, "rb") as handle:
             return handle.read(4) == b"PAR1"
     except OSError:
         return False
@@ -169,10 +211,17 @@ def _is_timestamp_type(data_type: pa.DataType) -> bool:
     return _is_rating_type(data_type) or pa.types.is_timestamp(data_type) or pa.types.is_date(data_type)
 
 
-def input_fingerprint(files: list[str]) -> str:
-    """A digest of the input files' paths, sizes and modification times."""
+def input_fingerprint(files: list[str], storage_options: dict[str, Any] | None = None) -> str:
+    """A digest of the input files' paths, sizes and modification times (ETags on an object store)."""
     digest = hashlib.sha256()
     for file in files:
+        if is_remote(file):
+            filesystem, inside = resolve(file, storage_options)
+            with storage_errors(file, InputError):
+                info = filesystem.info(inside)
+            version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+            digest.update(f"{file}\0{info.get('size')}\0{version}\n".encode())
+            continue
         stat = os.stat(file)
         digest.update(f"{os.path.abspath(file)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

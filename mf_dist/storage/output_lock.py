@@ -18,6 +18,18 @@ are only there to make the refusal message useful. On NFS, Linux maps
 client disappears; filesystems without locking make the run fail with a
 clear error rather than go unprotected.
 
+An output on an object store (a URL) cannot be flocked. There the lock is
+the object ``<output>/.mf-dist.lock``, created only if absent (S3's
+conditional put, ``If-None-Match: *``, through s3fs ``mode="create"``) and
+holding an expiry time that the holder renews while it runs
+(:data:`REMOTE_LOCK_SECONDS`, renewed every third of it). A run killed
+without removing it blocks the output until the expiry passes; then the next
+run takes it over. The holder reads its lock back after creating it, so a
+store that ignores the condition still refuses the loser of all but an exact
+race. The (local) work directory is flocked as well. Before any work the
+bucket is checked, so a missing bucket, missing credentials or a denied
+access fail first.
+
 With the lock held nobody else is writing here, so leftovers of a killed
 run (``runs/.<run_id>.partial/`` directories, ``.LATEST.*.tmp`` files) can
 be removed safely: :func:`remove_debris`.
@@ -32,12 +44,17 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mf_dist.errors import OutputError
+from mf_dist.storage.filesystems import check_bucket, is_remote, join, local_path, resolve, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +122,107 @@ def exclusive_directory(directory: str | Path, purpose: str = "") -> Iterator[Pa
         os.close(descriptor)
 
 
+REMOTE_LOCK_SECONDS = 600.0
+
+
 @contextlib.contextmanager
-def exclusive_run(output: str | Path, work_dir: str | Path, purpose: str = "") -> Iterator[None]:
-    """Hold the locks a pipeline run needs: its output, and its work directory when that is elsewhere."""
-    output = Path(output)
+def exclusive_object_store(
+    output: str,
+    purpose: str = "",
+    storage_options: dict[str, Any] | None = None,
+    lifetime: float = REMOTE_LOCK_SECONDS,
+) -> Iterator[None]:
+    """Hold the lock object of an output URL for the ``with`` block (see the module docstring)."""
+    filesystem, root = resolve(output, storage_options)
+    lock_path = join(root, LOCK_FILE)
+    token = secrets.token_hex(8)
+
+    def holder() -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "purpose": purpose,
+                "expires": now + lifetime,
+                "token": token,
+            }
+        ).encode()
+
+    def current() -> dict[str, Any] | None:
+        try:
+            return json.loads(filesystem.cat_file(lock_path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+
+    with storage_errors(output, OutputError):
+        for _ in range(2):
+            try:
+                filesystem.pipe_file(lock_path, holder(), mode="create")
+            except FileExistsError:
+                held = current()
+                if held is not None and float(held.get("expires", 0)) > time.time():
+                    description = (
+                        f"pid {held.get('pid')} on {held.get('host')}, started {held.get('started')}"
+                        + (f", {held['purpose']}" if held.get("purpose") else "")
+                    )
+                    raise OutputError(
+                        f"{output} is in use by another mf-dist run ({description}); wait until it has "
+                        f"finished (a killed run's lock expires {lifetime:.0f} s after its last renewal), "
+                        "or give this run another --output"
+                    ) from None
+                # Expired (its holder was killed) or unreadable: take it over.
+                with contextlib.suppress(FileNotFoundError):
+                    filesystem.rm_file(lock_path)
+                continue
+            if (current() or {}).get("token") != token:
+                raise OutputError(f"{output} is in use by another mf-dist run (it took the lock at once)")
+            break
+        else:
+            raise OutputError(f"{output}: could not take the output lock {LOCK_FILE}; try again")
+
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lifetime / 3):
+            with contextlib.suppress(Exception):
+                filesystem.pipe_file(lock_path, holder())
+
+    renewer = threading.Thread(target=renew, name="mf-dist-lock-renewal", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(Exception):
+            if (current() or {}).get("token") == token:
+                filesystem.rm_file(lock_path)
+
+
+@contextlib.contextmanager
+def exclusive_run(
+    output: str | Path,
+    work_dir: str | Path,
+    purpose: str = "",
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[None]:
+    """Hold the locks a pipeline run needs: its output, and its work directory when that is elsewhere.
+
+    For an output URL: check its bucket, and lock the (local) work directory only.
+    """
+    if is_remote(output):
+        check_bucket(str(output), storage_options, OutputError)
+        with (
+            exclusive_object_store(str(output), purpose, storage_options),
+            exclusive_directory(work_dir, purpose),
+        ):
+            yield
+        return
+    output = Path(local_path(output))
     work_dir = Path(work_dir)
     with exclusive_directory(output, purpose):
         if work_dir.resolve().is_relative_to(output.resolve()):
@@ -126,8 +240,11 @@ def remove_debris(output: str | Path) -> list[Path]:
     belongs to a run that is no longer alive. Complete runs (``runs/<id>/``)
     are never touched, published or not.
     """
-    output = Path(output)
     removed: list[Path] = []
+    if is_remote(output):
+        # Unpublished runs on an object store are never read (no LATEST names them); left as they are.
+        return removed
+    output = Path(local_path(output))
     if not output.is_dir():
         return removed
     for table_dir in sorted(path for path in output.iterdir() if (path / "runs").is_dir()):

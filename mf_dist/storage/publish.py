@@ -3,6 +3,13 @@
 A run is written under ``runs/.<run_id>.partial/``, renamed to
 ``runs/<run_id>/`` when complete, and only then is ``LATEST`` replaced by one
 ``os.replace``; a reader following ``LATEST`` never sees a partial table.
+
+On an object store (an output URL) there is no rename: a run is written
+straight under ``runs/<run_id>/``, its manifest last, and ``LATEST`` is one
+small-object put, which the store makes visible whole or not at all. That put
+is the commit point: a killed run leaves ``LATEST`` on the previous run, and
+its files under ``runs/<run_id>/`` (without a manifest, or never named by
+``LATEST``) are not read by anything that follows ``LATEST``.
 """
 
 from __future__ import annotations
@@ -11,6 +18,10 @@ import datetime as dt
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+
+from mf_dist.errors import OutputError
+from mf_dist.storage.filesystems import join, resolve, storage_errors
 
 
 def new_run_id() -> str:
@@ -44,6 +55,13 @@ def publish_run(table_dir: Path, run_id: str) -> None:
     os.replace(temporary, table_dir / "LATEST")
     # The rename is durable only once the directory entry is on disk.
     fsync_path(table_dir)
+
+
+def publish_run_remote(table_url: str, run_id: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Point ``<table_url>/LATEST`` at ``run_id``: a single small-object put (the commit point)."""
+    filesystem, table_path = resolve(table_url, storage_options)
+    with storage_errors(table_url, OutputError):
+        filesystem.pipe_file(join(table_path, "LATEST"), (run_id + "\n").encode())
 
 
 def current_run_path(table_dir: str | Path) -> Path:

@@ -6,6 +6,9 @@ A table is found from any of three paths::
     out/items/              a table directory: follows LATEST to the current run
     out/items/runs/<run>/   one run directory, read as is
 
+Each may also be a URL (``s3://bucket/out``): then LATEST is read from the
+store and the run's files through fsspec (:mod:`mf_dist.storage.filesystems`).
+
 Every read checks the manifest's ``format_version`` first, so a table written
 under another contract fails with a message that says what to do instead of
 with wrong numbers.
@@ -23,6 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mf_dist.errors import OutputError
+from mf_dist.storage.filesystems import (
+    check_bucket,
+    full_url,
+    is_remote,
+    join,
+    local_path,
+    resolve,
+    storage_errors,
+)
 from mf_dist.storage.schema import FORMAT_VERSION
 
 if TYPE_CHECKING:
@@ -62,11 +74,50 @@ def resolve_run_dir(path: str | Path, table: str = "items") -> Path:
     return run_dir
 
 
-def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+def resolve_remote_run(url: str, table: str = "items", storage_options: dict[str, Any] | None = None) -> str:
+    """:func:`resolve_run_dir` for a URL: the URL of the run it designates."""
+    filesystem, path = resolve(url, storage_options)
+    path = path.rstrip("/")
+    with storage_errors(url, OutputError):
+        if filesystem.isfile(join(path, MANIFEST_FILE)):
+            return url.rstrip("/")
+        if filesystem.isfile(join(path, LATEST_FILE)):
+            table_path = path
+        elif filesystem.isfile(join(path, table, LATEST_FILE)):
+            table_path = join(path, table)
+        else:
+            check_bucket(url, storage_options, OutputError)
+            raise OutputError(
+                f"{url}: not an mf-dist table; give an output URL (with {table}/LATEST), a table URL "
+                f"(with LATEST) or a run URL (with {MANIFEST_FILE})"
+            )
+        run_id = filesystem.cat_file(join(table_path, LATEST_FILE)).decode().strip()
+        run_path = join(table_path, "runs", run_id)
+        if not filesystem.isfile(join(run_path, MANIFEST_FILE)):
+            raise OutputError(
+                f"{full_url(filesystem, join(table_path, LATEST_FILE))} names run {run_id!r}, but it has "
+                f"no {MANIFEST_FILE}; the run was removed or copied incompletely"
+            )
+    return full_url(filesystem, run_path)
+
+
+def read_manifest(run_dir: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of one run, after checking that its format version is the one this code reads."""
-    manifest_path = Path(run_dir) / MANIFEST_FILE
+    if is_remote(run_dir):
+        filesystem, path = resolve(str(run_dir), storage_options)
+        manifest_path: Any = join(str(run_dir), MANIFEST_FILE)
+        with storage_errors(manifest_path, OutputError):
+            try:
+                text = filesystem.cat_file(join(path, MANIFEST_FILE)).decode()
+            except FileNotFoundError as exc:
+                raise OutputError(
+                    f"{manifest_path}: missing; {run_dir} is not a published mf-dist run"
+                ) from exc
+    else:
+        manifest_path = Path(run_dir) / MANIFEST_FILE
+        text = None
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(text if text is not None else manifest_path.read_text())
     except FileNotFoundError as exc:
         raise OutputError(f"{manifest_path}: missing; {run_dir} is not a published mf-dist run") from exc
     except json.JSONDecodeError as exc:
@@ -86,13 +137,18 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def read_published(path: str | Path, table: str = "items") -> tuple[pa.Table, dict[str, Any], Path]:
+def read_published(
+    path: str | Path, table: str = "items", storage_options: dict[str, Any] | None = None
+) -> tuple[pa.Table, dict[str, Any], Path]:
     """(rows, manifest, run directory) of a published table, read from the files the manifest lists.
 
     Reading the listed files rather than the directory ignores anything else
-    that lands there; the row count is checked against the manifest.
+    that lands there; the row count is checked against the manifest. For a
+    URL the run directory returned is the run's URL (a string).
     """
-    run_dir = resolve_run_dir(path, table)
+    if is_remote(path):
+        return _read_published_remote(str(path), table, storage_options)
+    run_dir = resolve_run_dir(local_path(path), table)
     manifest = read_manifest(run_dir)
     names = [entry["name"] for entry in manifest.get("files", [])]
     missing = [name for name in names if not (run_dir / name).is_file()]
@@ -105,6 +161,30 @@ def read_published(path: str | Path, table: str = "items") -> tuple[pa.Table, di
             "the run is damaged"
         )
     return rows, manifest, run_dir
+
+
+def _read_published_remote(
+    url: str, table: str, storage_options: dict[str, Any] | None
+) -> tuple[pa.Table, dict[str, Any], Any]:
+    run_url = resolve_remote_run(url, table, storage_options)
+    manifest = read_manifest(run_url, storage_options)
+    filesystem, run_path = resolve(run_url, storage_options)
+    names = [entry["name"] for entry in manifest.get("files", [])]
+    with storage_errors(run_url, OutputError):
+        missing = [name for name in names if not filesystem.isfile(join(run_path, name))]
+        if missing or not names:
+            raise OutputError(
+                f"{run_url}: the manifest lists files that are not there: {missing or '(none)'}"
+            )
+        rows = pa.concat_tables(
+            [pq.read_table(join(run_path, name), filesystem=filesystem) for name in names]
+        )
+    if rows.num_rows != manifest.get("row_count"):
+        raise OutputError(
+            f"{run_url}: {rows.num_rows} rows in the files, {manifest.get('row_count')} in the manifest; "
+            "the run is damaged"
+        )
+    return rows, manifest, run_url
 
 
 @dataclass(frozen=True)
@@ -123,8 +203,8 @@ class Embeddings:
     """(n,) float32 for the explicit model, else None."""
     manifest: dict[str, Any]
     """The run's ``_manifest.json`` (model, rank, metrics, loss history, ``global_mean`` ...)."""
-    path: Path
-    """The run directory that was read."""
+    path: Path | str
+    """The run directory that was read (its URL, a string, for a table on an object store)."""
 
     @property
     def rank(self) -> int:
@@ -141,16 +221,20 @@ class Embeddings:
         return tensor if device is None else tensor.to(device)
 
 
-def read_embeddings(path: str | Path, table: str = "items") -> Embeddings:
+def read_embeddings(
+    path: str | Path, table: str = "items", storage_options: dict[str, Any] | None = None
+) -> Embeddings:
     """Read the current (or a given) run of an embedding table.
 
     ``path`` is an output directory (then ``table`` picks ``items`` or
     ``users``), a table directory such as ``out/items`` (LATEST is followed) or
-    a run directory. Raises :class:`~mf_dist.errors.OutputError` when the path
+    a run directory, or the URL of one of them (``s3://bucket/out``; the
+    store's credentials come from its standard chain, other settings from
+    ``storage_options``). Raises :class:`~mf_dist.errors.OutputError` when the path
     holds no table, the table is damaged or its format version is not this
     code's.
     """
-    rows, manifest, run_dir = read_published(path, table)
+    rows, manifest, run_dir = read_published(path, table, storage_options)
     id_column = manifest.get("id_column")
     if "embedding" not in rows.column_names or id_column not in rows.column_names:
         raise OutputError(

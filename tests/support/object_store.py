@@ -1,0 +1,67 @@
+"""A real S3 API server on loopback (moto's ThreadedMotoServer) for the object-store tests."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from distributed import Client
+
+# Fake credentials: moto accepts any; the region must be set for botocore.
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_SESSION_TOKEN": "testing-token",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """Start a moto S3 server on 127.0.0.1 (a free port); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    # One line per request otherwise.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def _set_environment(values: dict[str, str | None]) -> dict[str, str | None]:
+    previous = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return previous
+
+
+@contextlib.contextmanager
+def worker_environment(client: Client, values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables on every worker of ``client`` (as a deployment would), then restore them.
+
+    Filesystems cached on the workers are dropped, so that they are made again from this environment.
+    """
+
+    def apply(values: dict[str, str | None]) -> dict[str, str | None]:
+        import fsspec
+
+        fsspec.AbstractFileSystem.clear_instance_cache()
+        for implementation in fsspec.registry.values():
+            implementation.clear_instance_cache()
+        return _set_environment(values)
+
+    previous = client.run(apply, values)
+    try:
+        yield
+    finally:
+        for worker, saved in previous.items():
+            client.run(apply, saved, workers=[worker])

@@ -20,6 +20,7 @@ from rich.table import Table
 from mf_dist.bench import command as bench_command
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
+from mf_dist.commands import recommend as recommend_command
 from mf_dist.config import RunConfig, load_config
 from mf_dist.config_flags import config_flags
 from mf_dist.errors import MfDistError
@@ -195,6 +196,7 @@ def serve(
 
 
 app.command(name="neighbors")(neighbors_command.neighbors)
+app.command(name="recommend")(recommend_command.recommend)
 app.command(name="inspect")(inspect_commands.inspect_run)
 app.command(name="similar")(inspect_commands.similar)
 app.command(name="bench")(bench_command.bench)
@@ -228,6 +230,13 @@ def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
         overview.add_row(
             "table neighbors",
             f"top {neighbors.k} by {neighbors.metric}, {neighbors.rows:,} rows → {neighbors.path}",
+        )
+    if summary.recommendations is not None:
+        recommendations = summary.recommendations
+        overview.add_row(
+            "table recommendations",
+            f"top {recommendations.n} per user (seen {recommendations.seen}), "
+            f"{recommendations.rows:,} rows → {recommendations.path}",
         )
     if summary.export.tables:
         from mf_dist.stages.export import LOSS_CURVE_FILE

@@ -101,6 +101,15 @@ class RunConfig(TrainingOptions):
         0, ge=0, le=10_000, description="After export, publish each item's top-N similar items (0: skip)."
     )
     neighbors_metric: NeighborsMetric = Field("cosine", description="Similarity of the neighbors.")
+    recommend: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description=(
+            "After export, publish each user's top-N unseen items as the recommendations table "
+            "(0: skip; models with user vectors only)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_source_of_workers(self) -> RunConfig:
@@ -121,6 +130,15 @@ class RunConfig(TrainingOptions):
                     f"{name} {path!r} is inside the input directory {str(source)!r}, whose files are all "
                     f"read as ratings; choose an {name} outside it"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _recommend_needs_users(self) -> RunConfig:
+        if self.recommend and not model_spec(self.model).has_users(self.target):
+            raise ValueError(
+                f"recommend = {self.recommend}: the {self.model} model (target {self.target}) has no user "
+                "vectors to recommend with"
+            )
         return self
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     ]
 
 HoldoutMetric = Literal["rating_errors", "ranking"]
+SeenItems = Literal["rated", "liked"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,13 @@ class ModelSpec:
     has_global_mean: bool = False
     """Whether the published tables carry biases and a global mean (predicted ratings)."""
     holdout_metric: HoldoutMetric = "ranking"
+    seen_items: SeenItems = "liked"
+    """Which training ratings the model fitted, so count as seen: every ``rated`` item, or the
+    ``liked`` ones (rating >= ingest's like threshold; all of them without one)."""
+
+    def has_users(self, target: str) -> bool:
+        """Given ``settings.target``: whether the model publishes user vectors (it can recommend)."""
+        return "users" in self.tables(target)
 
     @property
     def default_solver(self) -> str:
@@ -175,6 +183,7 @@ register(
         needs_ratings=True,
         has_global_mean=True,
         holdout_metric="rating_errors",
+        seen_items="rated",
     )
 )
 register(

@@ -50,6 +50,7 @@ from mf_dist.stages.evaluation import holdout_metrics
 from mf_dist.stages.export import ExportResult, export_tables
 from mf_dist.stages.ingest import ingest_ratings
 from mf_dist.stages.neighbors import NeighborsResult, item_neighbors
+from mf_dist.stages.recommend import RecommendResult, recommend_items
 from mf_dist.stages.train import train_factors
 from mf_dist.storage.factor_files import EpochRecord, TrainResult
 from mf_dist.storage.ingested import IngestResult
@@ -79,6 +80,8 @@ OPERATIONAL_SETTINGS = frozenset(
         # The neighbours stage runs after export and is never cached itself.
         "neighbors",
         "neighbors_metric",
+        # So does the recommendations stage.
+        "recommend",
     }
 )
 
@@ -111,6 +114,7 @@ class PipelineSummary(BaseModel):
     evaluation: dict[str, float] = {}
     export: ExportResult
     neighbors: NeighborsResult | None = None
+    recommendations: RecommendResult | None = None
     stages: list[StageReport]
 
 
@@ -265,6 +269,27 @@ def neighbors_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[Neig
     )
 
 
+@task(
+    name="recommendations", cache_policy=NO_CACHE, retry_condition_fn=is_transient, result_serializer="json"
+)
+def recommend_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[RecommendResult, StageReport]:
+    """Each user's top-N unseen items of this run, the seen ones read from the run's own ingest."""
+    return _run_stage(
+        "recommendations",
+        scheduler,
+        lambda client: recommend_items(
+            client,
+            config.output,
+            config.recommend,
+            work_dir=config.resolved_work_dir,
+            source_run_id=run_id,
+            block_size=config.block_size,
+            run_id=run_id,
+            device=config.device,
+        ),
+    )
+
+
 def training_key_settings(config: RunConfig) -> dict[str, Any]:
     """The run settings that can change trained factors (all but the operational ones)."""
     settings = config.model_dump(mode="json", exclude=set(OPERATIONAL_SETTINGS))
@@ -358,6 +383,12 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
                 retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
             )(scheduler, config, run_id)
             reports.append(neighbors_report)
+        recommendations = None
+        if config.recommend:
+            recommendations, recommend_report = recommend_task.with_options(
+                retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
+            )(scheduler, config, run_id)
+            reports.append(recommend_report)
     return PipelineSummary(
         run_id=run_id,
         model=config.model,
@@ -375,5 +406,6 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         evaluation=evaluation,
         export=exported,
         neighbors=neighbors,
+        recommendations=recommendations,
         stages=reports,
     )

@@ -7,7 +7,11 @@ time and peak memory. Stages retry after a transient failure
 types, which a retry cannot fix) and are cached by a key of the input
 fingerprint, their settings and the code (:mod:`mf_dist.flows.stage_cache`), so a
 re-run after a late failure skips the stages that finished. Export always
-runs: every run publishes a new run id. The per-epoch loss becomes a table
+runs: every run publishes a new run id. Export writes the run's tables without
+moving ``LATEST``; the optional ``neighbors`` and ``recommendations`` stages
+compute theirs from that unpublished run, and a last ``publish`` task moves
+every table's ``LATEST`` to the run, so the derived tables are current
+exactly when the tables they come from are. The per-epoch loss becomes a table
 artifact and the loss curve a markdown artifact.
 
 Run it with ``mf-dist run`` / ``mf-dist demo``, from a deployment
@@ -47,7 +51,7 @@ from mf_dist.runtime.cluster import open_client
 from mf_dist.runtime.memory_monitor import PeakMemoryMonitor
 from mf_dist.stages.cooccur import cooccurrence_blocks
 from mf_dist.stages.evaluation import holdout_metrics
-from mf_dist.stages.export import ExportResult, export_tables
+from mf_dist.stages.export import ExportResult, export_tables, publish_tables
 from mf_dist.stages.ingest import ingest_ratings
 from mf_dist.stages.neighbors import NeighborsResult, item_neighbors
 from mf_dist.stages.recommend import RecommendResult, recommend_items
@@ -239,6 +243,8 @@ def export_task(
             run_id=run_id,
             config=config.model_dump(mode="json"),
             extra_manifest={"evaluation": evaluation} if evaluation else None,
+            # LATEST moves in publish_task, after the tables derived from these.
+            publish=False,
         ),
     )
 
@@ -265,6 +271,7 @@ def neighbors_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[Neig
             block_size=config.block_size,
             run_id=run_id,
             device=config.device,
+            publish=False,
         ),
     )
 
@@ -286,8 +293,15 @@ def recommend_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[Reco
             block_size=config.block_size,
             run_id=run_id,
             device=config.device,
+            publish=False,
         ),
     )
+
+
+@task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def publish_task(output: str, tables: list[str], run_id: str) -> None:
+    """The run's commit: every table's LATEST moves to the run, embeddings first, derived tables after."""
+    publish_tables(output, tables, run_id)
 
 
 def training_key_settings(config: RunConfig) -> dict[str, Any]:
@@ -389,6 +403,13 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
                 retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
             )(scheduler, config, run_id)
             reports.append(recommend_report)
+        published = [table.name for table in exported.tables]
+        published += [
+            name for name, done in (("neighbors", neighbors), ("recommendations", recommendations)) if done
+        ]
+        publish_task.with_options(retries=config.retries, retry_delay_seconds=config.retry_delay_seconds)(
+            config.output, published, run_id
+        )
     return PipelineSummary(
         run_id=run_id,
         model=config.model,

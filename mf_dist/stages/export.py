@@ -116,11 +116,15 @@ def export_tables(
     run_id: str,
     config: dict[str, Any],
     extra_manifest: dict[str, Any] | None = None,
+    publish: bool = True,
 ) -> ExportResult:
     """Write every trained table under ``runs/<run_id>/`` and then publish them.
 
     All tables are written completely before the first ``LATEST`` moves, so a
-    failure while writing leaves every table on its previous run.
+    failure while writing leaves every table on its previous run. With
+    ``publish=False`` the runs are moved into place but no ``LATEST`` moves:
+    the caller publishes them with :func:`publish_tables`, after the tables
+    derived from them (the flow's ``neighbors`` and ``recommendations``).
     """
     output = Path(output)
     written: list[tuple[Path, Path, PublishedTable]] = []
@@ -133,9 +137,24 @@ def export_tables(
         raise OutputError(f"cannot write the output tables under {output}: {exc}") from exc
     for table_dir, partial, _ in written:
         move_into_place(partial, table_dir / "runs" / run_id)
-    for table_dir, _, _ in written:
-        publish_run(table_dir, run_id)
+    if publish:
+        for table_dir, _, _ in written:
+            publish_run(table_dir, run_id)
     return ExportResult(run_id=run_id, tables=[published for _, _, published in written])
+
+
+def publish_tables(output: str | Path, tables: list[str], run_id: str) -> None:
+    """Point each table's ``LATEST`` at ``run_id`` (already in place under ``runs/``), in the given order.
+
+    One ``LATEST`` after the other: the commit of a run whose tables were
+    all written, and derived ones computed, before the first moves.
+    """
+    for table in tables:
+        run_dir = Path(output) / table / "runs" / run_id
+        if not run_dir.is_dir():
+            raise OutputError(f"{run_dir}: missing; cannot publish run {run_id} of {table}")
+    for table in tables:
+        publish_run(Path(output) / table, run_id)
 
 
 def _write_table(

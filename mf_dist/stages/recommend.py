@@ -380,6 +380,7 @@ def recommend_items(
     run_id: str | None = None,
     device: str = "auto",
     on_block: Callable[[int, int], None] | None = None,
+    publish: bool = True,
 ) -> RecommendResult:
     """Compute and publish the ``recommendations`` table of a run with ``users`` and ``items`` tables.
 
@@ -388,7 +389,10 @@ def recommend_items(
     run). ``work_dir`` holds the run's ingest, from which seen items are
     excluded unless ``keep_seen``. ``users`` restricts the table to those
     user ids (ids not in the table are counted and skipped). ``output``
-    (default: ``source``) receives ``recommendations/``. Raises
+    (default: ``source``) receives ``recommendations/``. With ``publish=False``
+    ``LATEST`` is left to the caller (the flow commits a run's tables together,
+    :func:`mf_dist.stages.export.publish_tables`); ``source_run_id`` may then
+    name a run whose tables are in place but not yet current. Raises
     :class:`ConfigError` for a bad ``n`` or ``block_size``, or seen items that
     cannot be read, and :class:`OutputError` for a source without the tables.
     """
@@ -576,7 +580,8 @@ def recommend_items(
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write the recommendations table under {table_dir}: {exc}") from exc
         raise
-    publish_run(table_dir, run_id)
+    if publish:
+        publish_run(table_dir, run_id)
     return RecommendResult(
         run_id=run_id,
         path=str(table_dir / "runs" / run_id),

@@ -122,6 +122,10 @@ def test_the_neighbors_stage_publishes_brute_force_neighbours_of_the_run(flow_ru
 def test_the_recommendations_stage_publishes_each_users_best_unrated_items(flow_run):
     summary, output, ratings = flow_run
     assert summary.recommendations is not None and summary.recommendations.run_id == summary.run_id
+    # One commit: every table's LATEST names the run, moved after all were written.
+    for table in ("users", "items", "neighbors", "recommendations"):
+        assert (output / table / "LATEST").read_text().strip() == summary.run_id
+    assert [stage.name for stage in summary.stages][-2:] == ["neighbors", "recommendations"]
     assert "recommendations" in [stage.name for stage in summary.stages]
     table, manifest, _ = read_published(output, "recommendations")
     assert manifest["source"]["run_id"] == summary.run_id and manifest["seen"] == "rated"

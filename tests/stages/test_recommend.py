@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mf_dist.errors import ConfigError
+from mf_dist.errors import ConfigError, OutputError
 from mf_dist.stages import recommend as recommend_module
 from mf_dist.stages.recommend import recommend_items
 from mf_dist.storage.reader import read_published
@@ -193,3 +193,24 @@ def test_seen_items_need_the_runs_own_ingest(client, tmp_path):
         (tmp_path / "out" / "recommendations" / "runs").iterdir()
     )
     assert run.export.run_id
+
+
+def test_unpublished_run_is_read_by_run_id_and_leaves_latest_to_the_caller(client, tmp_path):
+    """The flow's order: export without LATEST, recommendations from that run, then one commit."""
+    from mf_dist.stages.export import publish_tables
+
+    run = explicit_run(client, tmp_path, np.random.default_rng(9), n_users=9, n_items=7)
+    output = tmp_path / "out"
+    for table in ("users", "items"):
+        (output / table / "LATEST").unlink()  # as if export had not moved them yet
+
+    result = recommend_items(
+        client, output, 3, work_dir=run.work_dir, source_run_id=run.export.run_id, run_id="r2", publish=False
+    )
+
+    assert (output / "recommendations" / "runs" / "r2" / "_manifest.json").is_file()
+    assert not (output / "recommendations" / "LATEST").exists()
+    with pytest.raises(OutputError, match="missing"):
+        publish_tables(output, ["users", "items", "recommendations"], "r3")
+    assert not (output / "users" / "LATEST").exists()
+    assert result.source_run_id == run.export.run_id

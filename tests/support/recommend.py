@@ -73,6 +73,7 @@ def publish_user_item_run(
     global_mean: float = 0.0,
     like_threshold: float | None = None,
     block_size: int = 8,
+    hyperparameters: dict | None = None,
 ) -> UserItemRun:
     """Publish ``users``/``items`` under ``output`` and write ``work_dir``'s ingest of ``ratings``."""
     users = np.asarray(users, np.float32)
@@ -138,10 +139,16 @@ def publish_user_item_run(
             _factor_table("items", factors, items, item_bias, block_size),
         ],
         global_mean=global_mean if user_bias is not None else None,
+        settings=hyperparameters or {},
         device="cpu",
     )
     export = export_tables(
-        client, train, ingest, output, run_id=new_run_id(), config={"model": model, "holdout": 0.0}
+        client,
+        train,
+        ingest,
+        output,
+        run_id=new_run_id(),
+        config={"model": model, "holdout": 0.0, "like_threshold": like_threshold},
     )
     return UserItemRun(
         user_ids, item_ids, users, items, user_bias, item_bias, global_mean, ratings, work_dir, export

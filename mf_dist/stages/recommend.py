@@ -339,6 +339,12 @@ def _table_run(source: Path, table: str, run_id: str | None) -> Path:
 
 def check_ingest_matches(ingest: IngestResult, users: dict[str, Any], items: dict[str, Any]) -> None:
     """Refuse a work directory whose ingest is not the one the run trained on."""
+    if "fold_in" in users:
+        raise ConfigError(
+            f"users run {users['run_id']} is a fold-in of run {users['fold_in']['base_run_id']}: "
+            "the folded users' ratings are not in any ingest, so seen items cannot be filtered; "
+            "keep seen items (--keep-seen)"
+        )
     problems = []
     if users.get("input_fingerprint") not in (None, ingest.fingerprint):
         problems.append("another input fingerprint")
@@ -403,7 +409,8 @@ def recommend_items(
     source = Path(source)
     users_run = _table_run(source, "users", source_run_id)
     users_manifest = read_manifest(users_run)
-    items_run = _table_run(source, "items", users_manifest["run_id"])
+    # A fold-in's users run names the items run its vectors go with.
+    items_run = _table_run(source, "items", users_manifest.get("items_run_id", users_manifest["run_id"]))
     items_manifest = read_manifest(items_run)
     for manifest, table in ((users_manifest, "users"), (items_manifest, "items")):
         if manifest.get("table") != table or "embedding" not in manifest.get("columns", []):

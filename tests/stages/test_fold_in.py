@@ -135,7 +135,7 @@ def test_unknown_items_are_counted_and_skipped_with_a_warning(client, tmp_path, 
     known = new_ratings(rng, item_ids, users=("x", "y"))
     strangers = pd.DataFrame({"user_id": ["x", "z", "z"], "item_id": [-1, -2, -3], "rating": [5.0, 5.0, 5.0]})
 
-    with caplog.at_level(logging.WARNING, logger="mf_dist.folding"):
+    with caplog.at_level(logging.WARNING, logger="mf_dist.stages.fold_in"):
         folded = fold_in(tmp_path / "out", pd.concat([known, strangers]))
 
     assert folded.unknown_items == 3 and folded.users_without_items == 1

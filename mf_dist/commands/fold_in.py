@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -19,6 +20,18 @@ def fold_in(
         Path,
         typer.Option("--input", help="New ratings (Parquet file or directory), in the run's input columns."),
     ],
+    recommend: Annotated[
+        int,
+        typer.Option(
+            help="Then publish the top-N unseen items of the given users (0: no); seen: their given ratings."
+        ),
+    ] = 0,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Worker processes of the local Dask cluster (for --recommend).")
+    ] = None,
+    scheduler: Annotated[
+        Optional[str], typer.Option(help="Join this Dask scheduler (for --recommend).")
+    ] = None,
 ) -> None:
     """Compute the vectors of the users in --input against the current items (the model's own ALS
     user half-step) and publish a new users run: other users kept, those given replaced or added.
@@ -36,6 +49,29 @@ def fold_in(
         raise InputError(f"{input}: cannot read the new ratings: {exc}") from exc
     with exclusive_directory(path, purpose="mf-dist fold-in"):
         result = publish_folded_users(path, frame, input_description=str(input))
+        if recommend:
+            from mf_dist.runtime.cluster import open_client
+            from mf_dist.stages.recommend import recommend_items
+            from mf_dist.storage.reader import read_manifest
+
+            config = read_manifest(result.path).get("config") or {}
+            columns = {
+                config.get("user_col", "user_id"): "user_id",
+                config.get("item_col", "item_id"): "item_id",
+                config.get("rating_col", "rating"): "rating",
+            }
+            seen = frame.rename(columns=columns)
+            with open_client(
+                workers=workers or max(1, min(os.cpu_count() or 1, 8)), scheduler=scheduler
+            ) as client:
+                recommendations = recommend_items(
+                    client,
+                    path,
+                    recommend,
+                    users=seen["user_id"].unique().tolist(),
+                    source_run_id=result.run_id,
+                    seen_ratings=seen,
+                )
     console.print(
         f"fold-in: {result.users_replaced:,} users replaced, {result.users_added:,} added "
         f"({result.unknown_items:,} ratings of unknown items skipped) on run {result.base_run_id} "
@@ -43,3 +79,10 @@ def fold_in(
         highlight=False,
         soft_wrap=True,
     )
+    if recommend:
+        console.print(
+            f"recommendations: {recommendations.users:,} users × top {recommendations.n} "
+            f"({recommendations.rows:,} rows) → {recommendations.path}",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -372,6 +372,25 @@ def select_user_rows(user_ids: pa.Array, wanted: Sequence[Any]) -> tuple[np.ndar
     return np.unique(positions[positions >= 0]).astype(np.int64), unknown
 
 
+def _given_seen_rows(
+    frame: pd.DataFrame, user_ids: pa.Array, item_ids: pa.Array, like_threshold: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(user row, item row) of the given seen ratings, sorted by user row; unknown ids dropped."""
+    if like_threshold is not None and "rating" in frame.columns:
+        frame = frame[frame["rating"] >= like_threshold]
+    users = pd.Index(user_ids.to_pandas()).get_indexer(frame["user_id"].to_numpy())
+    items = pd.Index(item_ids.to_pandas()).get_indexer(frame["item_id"].to_numpy())
+    known = (users >= 0) & (items >= 0)
+    order = np.argsort(users[known], kind="stable")
+    return users[known][order].astype(np.int64), items[known][order].astype(np.int64)
+
+
+def _seen_of_block(given: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> Seen:
+    users, items = given
+    inside = np.isin(users, rows)
+    return Seen(np.searchsorted(rows, users[inside]).astype(np.int64), items[inside])
+
+
 def recommend_items(
     client: Client,
     source: str | Path,
@@ -387,6 +406,7 @@ def recommend_items(
     device: str = "auto",
     on_block: Callable[[int, int], None] | None = None,
     publish: bool = True,
+    seen_ratings: pd.DataFrame | None = None,
 ) -> RecommendResult:
     """Compute and publish the ``recommendations`` table of a run with ``users`` and ``items`` tables.
 
@@ -401,6 +421,11 @@ def recommend_items(
     name a run whose tables are in place but not yet current. Raises
     :class:`ConfigError` for a bad ``n`` or ``block_size``, or seen items that
     cannot be read, and :class:`OutputError` for a source without the tables.
+
+    ``seen_ratings`` (``user_id``, ``item_id`` and, for the like rule, ``rating``
+    columns) gives the seen items instead of an ingest: what ``mf-dist fold-in
+    --recommend`` passes for the users it folded in (pairs of unknown ids are
+    ignored; the like threshold is the run's config's).
     """
     if n < 1:
         raise ConfigError(f"n must be at least 1 (got {n})")
@@ -422,7 +447,9 @@ def recommend_items(
     spec = model_spec(users_manifest["model"])
     seen_rule = "kept"
     ingest = None
-    if not keep_seen:
+    if seen_ratings is not None and not keep_seen:
+        seen_rule = spec.seen_items
+    elif not keep_seen:
         if work_dir is None:
             raise ConfigError(
                 "seen items are read from the run's work directory: give it, or keep seen items (--keep-seen)"
@@ -460,6 +487,14 @@ def recommend_items(
             logger.warning("recommend: %d of the given user ids are not in %s; skipped", unknown, users_run)
     if len(selected) == 0:
         raise ConfigError(f"none of the given users is in {users_run}")
+    given_seen = None
+    if seen_ratings is not None and not keep_seen:
+        given_seen = _given_seen_rows(
+            seen_ratings,
+            user_ids.result(),
+            item_ids.result(),
+            (users_manifest.get("config") or {}).get("like_threshold") if seen_rule == "liked" else None,
+        )
 
     tie_keys = client.submit(id_order_keys, item_ids, pure=False)
     item_parts = [client.submit(load_part, path, rank, pure=False) for path in item_paths]
@@ -501,6 +536,8 @@ def recommend_items(
             grid_blocks = sorted({int(row) // ingest.block_size for row in (rows[0], rows[-1])})
             paths = [str(ingest.ratings_path(block)) for block in range(grid_blocks[0], grid_blocks[-1] + 1)]
             seen = client.submit(load_seen, paths, rows, like_threshold, pure=False)
+        elif given_seen is not None:
+            seen = _seen_of_block(given_seen, rows)
         running = None
         for group in candidate_groups:
             running = client.submit(
@@ -572,6 +609,7 @@ def recommend_items(
                 "model": users_manifest.get("model"),
                 "rank": rank,
                 "work_dir": None if ingest is None else ingest.directory,
+                "seen_ratings": "given" if given_seen is not None else None,
             },
             "block_size": block_size,
             "device": compute_on,

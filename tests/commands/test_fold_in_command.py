@@ -87,3 +87,42 @@ def test_fold_in_replaces_and_adds_users_and_recommend_reads_the_new_run(client,
     best = np.argsort(-scores, axis=1, kind="stable")[:, :2]
     assert frame.item_id.tolist() == np.asarray(run.item_ids)[best].reshape(-1).tolist()
     np.testing.assert_allclose(frame.score, np.take_along_axis(scores, best, 1).reshape(-1), atol=1e-5)
+
+
+def test_fold_in_with_recommend_leaves_out_the_given_ratings(client, run, tmp_path):
+    output = tmp_path / "out"
+    new = pd.DataFrame(
+        {"user_id": [2, 2, 2, 77], "item_id": [50, 51, 52, 53], "rating": [1.0, 2.0, 3.0, 4.0]}
+    )
+    new.to_parquet(tmp_path / "new.parquet")
+
+    result = invoke(
+        "fold-in",
+        str(output),
+        "--input",
+        str(tmp_path / "new.parquet"),
+        "--recommend",
+        "3",
+        "--scheduler",
+        client.scheduler.address,
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "2 users × top 3" in result.output
+    users = read_embeddings(output, "users")
+    table, manifest, _ = read_published(output, "recommendations")
+    assert manifest["seen"] == "rated" and manifest["source"]["seen_ratings"] == "given"
+    assert manifest["source"]["run_id"] == users.manifest["run_id"]
+    rows = {user: row for row, user in enumerate(users.ids)}
+    position = {item: row for row, item in enumerate(run.item_ids)}
+    scores = 3.0 + users.bias[:, None] + run.item_bias[None, :] + users.vectors @ run.items.T
+    for user, item in zip(new.user_id, new.item_id, strict=True):
+        scores[rows[user], position[item]] = -np.inf
+    expected_rows = [rows[2], rows[77]]
+    best = np.argsort(-scores[expected_rows], axis=1, kind="stable")[:, :3]
+    frame = table.to_pandas()
+    assert frame.user_id.tolist() == [2, 2, 2, 77, 77, 77]
+    assert frame.item_id.tolist() == np.asarray(run.item_ids)[best].reshape(-1).tolist()
+    np.testing.assert_allclose(
+        frame.score, np.take_along_axis(scores[expected_rows], best, 1).reshape(-1), atol=1e-5
+    )

@@ -246,6 +246,29 @@ def _order_by(scores: torch.Tensor, tie: torch.Tensor, *others: torch.Tensor) ->
     return [torch.gather(tensor, 1, by_score) for tensor in (scores, tie, *others)]
 
 
+def block_top(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``keep`` best (score, column), in no particular order; ties at the cut go to lower columns.
+
+    ``torch.topk`` picks among entries tied with the k-th score arbitrarily;
+    where such a tie is cut (a row has more entries equal to its k-th score
+    than were kept) the row is re-done by a stable full sort, which keeps
+    the lowest columns, i.e. the lowest item ids (a block's columns are in id
+    order). Cut ties at −inf (seen items, empty slots) are never published
+    and need no care. Ties are rare in real scores, so nearly every row costs
+    a top-k instead of a sort.
+    """
+    if keep >= scores.shape[1]:
+        return torch.sort(scores, dim=1, descending=True, stable=True)
+    values, columns = torch.topk(scores, keep, dim=1, sorted=False)
+    kth = values.min(dim=1, keepdim=True).values
+    cut = ((scores == kth).sum(dim=1) != (values == kth).sum(dim=1)) & torch.isfinite(kth[:, 0])
+    if bool(cut.any()):
+        rows = cut.nonzero()[:, 0]
+        redone, redone_columns = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        values[rows], columns[rows] = redone[:, :keep], redone_columns[:, :keep]
+    return values, columns
+
+
 def fold_items(
     running: TopN | None,
     query: QueryBlock,
@@ -280,10 +303,7 @@ def fold_items(
             inside = (seen_items >= candidate.offset) & (seen_items < candidate.offset + len(candidate))
             columns = candidate.column_of.to(device)[seen_items[inside] - candidate.offset]
             scores[seen_positions[inside], columns] = float("-inf")
-        # Columns are in id order, so a stable sort keeps ties by id.
-        block_scores, block_columns = torch.sort(scores, dim=1, descending=True, stable=True)
-        keep = min(n, len(candidate))
-        block_scores, block_columns = block_scores[:, :keep], block_columns[:, :keep]
+        block_scores, block_columns = block_top(scores, min(n, len(candidate)))
         merged = _order_by(
             torch.cat([best_scores, block_scores], dim=1),
             torch.cat([best_tie, candidate.tie.to(device)[block_columns]], dim=1),

@@ -214,3 +214,22 @@ def test_unpublished_run_is_read_by_run_id_and_leaves_latest_to_the_caller(clien
         publish_tables(output, ["users", "items", "recommendations"], "r3")
     assert not (output / "users" / "LATEST").exists()
     assert result.source_run_id == run.export.run_id
+
+
+@pytest.mark.parametrize("keep", [1, 3, 7, 20])
+def test_block_top_keeps_the_lowest_columns_among_ties_at_the_cut(keep):
+    """Against a stable full sort, on scores with many ties (small integers) and −inf entries."""
+    import torch
+
+    rng = np.random.default_rng(keep)
+    scores = torch.from_numpy(rng.integers(0, 4, size=(50, 20)).astype(np.float32))
+    scores[torch.from_numpy(rng.random((50, 20)) < 0.2)] = float("-inf")
+
+    values, columns = recommend_module.block_top(scores, keep)
+
+    expected_values, expected_columns = torch.sort(scores, dim=1, descending=True, stable=True)
+    for row in range(50):
+        finite = torch.isfinite(expected_values[row, :keep])
+        got = sorted(zip((-values[row]).tolist(), columns[row].tolist(), strict=True))
+        got_columns = [column for _, column in got][: int(finite.sum())]
+        assert got_columns == expected_columns[row, :keep][finite].tolist()

@@ -240,6 +240,10 @@ def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
             f"top {recommendations.n} per user (seen {recommendations.seen}), "
             f"{recommendations.rows:,} rows → {recommendations.path}",
         )
+    if summary.ann is not None:
+        overview.add_row(
+            "table ann", f"{summary.ann.kind} index of {summary.ann.items:,} items → {summary.ann.path}"
+        )
     if summary.export.tables:
         from mf_dist.stages.export import LOSS_CURVE_FILE
 

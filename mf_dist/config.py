@@ -11,7 +11,7 @@ import itertools
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
@@ -101,6 +101,10 @@ class RunConfig(TrainingOptions):
         0, ge=0, le=10_000, description="After export, publish each item's top-N similar items (0: skip)."
     )
     neighbors_metric: NeighborsMetric = Field("cosine", description="Similarity of the neighbors.")
+    ann: Literal["none", "faiss", "hnsw"] = Field(
+        "none",
+        description="After export, publish an ANN index of the items for user queries (none: skip).",
+    )
     recommend: int = Field(
         0,
         ge=0,

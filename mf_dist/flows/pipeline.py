@@ -49,6 +49,7 @@ from mf_dist.flows.stage_cache import (
 )
 from mf_dist.runtime.cluster import open_client
 from mf_dist.runtime.memory_monitor import PeakMemoryMonitor
+from mf_dist.stages.ann import AnnResult, build_ann
 from mf_dist.stages.cooccur import cooccurrence_blocks
 from mf_dist.stages.evaluation import holdout_metrics
 from mf_dist.stages.export import ExportResult, export_tables, publish_tables
@@ -86,6 +87,7 @@ OPERATIONAL_SETTINGS = frozenset(
         "neighbors_metric",
         # So does the recommendations stage.
         "recommend",
+        "ann",
     }
 )
 
@@ -119,6 +121,7 @@ class PipelineSummary(BaseModel):
     export: ExportResult
     neighbors: NeighborsResult | None = None
     recommendations: RecommendResult | None = None
+    ann: AnnResult | None = None
     stages: list[StageReport]
 
 
@@ -298,6 +301,18 @@ def recommend_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[Reco
     )
 
 
+@task(name="ann", cache_policy=NO_CACHE, retry_condition_fn=is_transient, result_serializer="json")
+def ann_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[AnnResult, StageReport]:
+    """An ANN index of this run's items (before the run's commit)."""
+    return _run_stage(
+        "ann",
+        scheduler,
+        lambda client: build_ann(
+            client, config.output, config.ann, source_run_id=run_id, run_id=run_id, publish=False
+        ),
+    )
+
+
 @task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
 def publish_task(output: str, tables: list[str], run_id: str) -> None:
     """The run's commit: every table's LATEST moves to the run, embeddings first, derived tables after."""
@@ -403,10 +418,15 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
                 retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
             )(scheduler, config, run_id)
             reports.append(recommend_report)
+        ann = None
+        if config.ann != "none":
+            ann, ann_report = ann_task.with_options(
+                retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
+            )(scheduler, config, run_id)
+            reports.append(ann_report)
         published = [table.name for table in exported.tables]
-        published += [
-            name for name, done in (("neighbors", neighbors), ("recommendations", recommendations)) if done
-        ]
+        derived = (("neighbors", neighbors), ("recommendations", recommendations), ("ann", ann))
+        published += [name for name, done in derived if done]
         publish_task.with_options(retries=config.retries, retry_delay_seconds=config.retry_delay_seconds)(
             config.output, published, run_id
         )
@@ -428,5 +448,6 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         export=exported,
         neighbors=neighbors,
         recommendations=recommendations,
+        ann=ann,
         stages=reports,
     )

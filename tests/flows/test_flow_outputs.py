@@ -48,6 +48,7 @@ def flow_run(
         scheduler=client.scheduler.address,
         neighbors=3,
         recommend=5,
+        ann="hnsw",
     )
     return factorization_pipeline(config), directory / "out", tiny_ratings
 
@@ -123,9 +124,10 @@ def test_the_recommendations_stage_publishes_each_users_best_unrated_items(flow_
     summary, output, ratings = flow_run
     assert summary.recommendations is not None and summary.recommendations.run_id == summary.run_id
     # One commit: every table's LATEST names the run, moved after all were written.
-    for table in ("users", "items", "neighbors", "recommendations"):
+    for table in ("users", "items", "neighbors", "recommendations", "ann"):
         assert (output / table / "LATEST").read_text().strip() == summary.run_id
-    assert [stage.name for stage in summary.stages][-2:] == ["neighbors", "recommendations"]
+    assert [stage.name for stage in summary.stages][-3:] == ["neighbors", "recommendations", "ann"]
+    assert summary.ann is not None and summary.ann.kind == "hnsw" and summary.ann.dim == 5
     assert "recommendations" in [stage.name for stage in summary.stages]
     table, manifest, _ = read_published(output, "recommendations")
     assert manifest["source"]["run_id"] == summary.run_id and manifest["seen"] == "rated"

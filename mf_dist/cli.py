@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mf_dist.bench import command as bench_command
+from mf_dist.commands import ann as ann_command
 from mf_dist.commands import fold_in as fold_in_command
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
@@ -199,6 +200,7 @@ def serve(
 app.command(name="neighbors")(neighbors_command.neighbors)
 app.command(name="recommend")(recommend_command.recommend)
 app.command(name="fold-in")(fold_in_command.fold_in)
+app.command(name="ann")(ann_command.ann)
 app.command(name="inspect")(inspect_commands.inspect_run)
 app.command(name="similar")(inspect_commands.similar)
 app.command(name="bench")(bench_command.bench)

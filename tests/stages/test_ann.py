@@ -64,3 +64,22 @@ def test_the_index_finds_the_best_predicted_items(client, tmp_path, kind, with_b
 def test_an_unknown_kind_is_refused(client, tmp_path):
     with pytest.raises(ConfigError, match="unknown ANN index"):
         build_ann(client, tmp_path, "annoy")
+
+
+def test_the_ann_command_indexes_a_published_items_table(client, tmp_path):
+    from typer.testing import CliRunner
+
+    from mf_dist import cli
+    from tests.support.published import publish_items
+
+    rng = np.random.default_rng(4)
+    publish_items(client, tmp_path, list(range(30)), rng.normal(size=(30, 4)).astype(np.float32))
+
+    result = CliRunner().invoke(
+        cli.app, ["ann", str(tmp_path), "--kind", "hnsw", "--scheduler", client.scheduler.address]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "hnsw index of 30 items (4 dimensions)" in result.output
+    index, manifest = load_index(resolve_run_dir(tmp_path, "ann"))
+    assert manifest["query"] == "users.embedding" and index.get_current_count() == 30

@@ -4,8 +4,15 @@ For Python users of the published tables::
 
     from mf_dist import read_embeddings
     items = read_embeddings("out/items")   # ids, vectors (n × rank float32), bias, manifest
+
+For services, vectors of new users against the published items (one
+machine, no Dask; :mod:`mf_dist.stages.fold_in`)::
+
+    from mf_dist import fold_in
+    users = fold_in("out/items", ratings_frame)   # ids, vectors, bias, unknown_items
 """
 
+from mf_dist.stages.fold_in import FoldedUsers, fold_in
 from mf_dist.storage.reader import Embeddings, read_embeddings
 
-__all__ = ["Embeddings", "read_embeddings"]
+__all__ = ["Embeddings", "FoldedUsers", "fold_in", "read_embeddings"]

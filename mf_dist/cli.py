@@ -18,8 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from mf_dist.bench import command as bench_command
+from mf_dist.commands import ann as ann_command
+from mf_dist.commands import fold_in as fold_in_command
 from mf_dist.commands import inspect as inspect_commands
 from mf_dist.commands import neighbors as neighbors_command
+from mf_dist.commands import recommend as recommend_command
 from mf_dist.config import RunConfig, load_config
 from mf_dist.config_flags import config_flags
 from mf_dist.errors import MfDistError
@@ -201,6 +204,9 @@ def serve(
 
 
 app.command(name="neighbors")(neighbors_command.neighbors)
+app.command(name="recommend")(recommend_command.recommend)
+app.command(name="fold-in")(fold_in_command.fold_in)
+app.command(name="ann")(ann_command.ann)
 app.command(name="inspect")(inspect_commands.inspect_run)
 app.command(name="similar")(inspect_commands.similar)
 app.command(name="bench")(bench_command.bench)
@@ -234,6 +240,17 @@ def print_summary(summary: PipelineSummary, wall_seconds: float) -> None:
         overview.add_row(
             "table neighbors",
             f"top {neighbors.k} by {neighbors.metric}, {neighbors.rows:,} rows → {neighbors.path}",
+        )
+    if summary.recommendations is not None:
+        recommendations = summary.recommendations
+        overview.add_row(
+            "table recommendations",
+            f"top {recommendations.n} per user (seen {recommendations.seen}), "
+            f"{recommendations.rows:,} rows → {recommendations.path}",
+        )
+    if summary.ann is not None:
+        overview.add_row(
+            "table ann", f"{summary.ann.kind} index of {summary.ann.items:,} items → {summary.ann.path}"
         )
     if summary.export.tables:
         from mf_dist.stages.export import LOSS_CURVE_FILE

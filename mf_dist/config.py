@@ -11,7 +11,7 @@ import itertools
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -117,6 +117,19 @@ class RunConfig(TrainingOptions):
         0, ge=0, le=10_000, description="After export, publish each item's top-N similar items (0: skip)."
     )
     neighbors_metric: NeighborsMetric = Field("cosine", description="Similarity of the neighbors.")
+    ann: Literal["none", "faiss", "hnsw"] = Field(
+        "none",
+        description="After export, publish an ANN index of the items for user queries (none: skip).",
+    )
+    recommend: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description=(
+            "After export, publish each user's top-N unseen items as the recommendations table "
+            "(0: skip; models with user vectors only)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_source_of_workers(self) -> RunConfig:
@@ -149,8 +162,12 @@ class RunConfig(TrainingOptions):
                     f"output {self.output!r} is a URL: give a local work_dir (--work-dir) for the "
                     "intermediate data"
                 )
-            if self.neighbors:
-                raise ValueError("neighbors: not yet available with a URL output; publish them locally")
+            derived = [name for name in ("neighbors", "recommend") if getattr(self, name)]
+            derived += ["ann"] if self.ann != "none" else []
+            if derived:
+                raise ValueError(
+                    f"{', '.join(derived)}: not yet available with a URL output; publish them locally"
+                )
         init_from = getattr(self, "init_from", None)
         if init_from is not None and is_remote(str(init_from)):
             raise ValueError(f"init_from {init_from!r}: a warm start from a URL is not yet available")
@@ -173,6 +190,15 @@ class RunConfig(TrainingOptions):
                     f"{name} {path!r} is inside the input directory {str(source)!r}, whose files are all "
                     f"read as ratings; choose an {name} outside it"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _recommend_needs_users(self) -> RunConfig:
+        if self.recommend and not model_spec(self.model).has_users(self.target):
+            raise ValueError(
+                f"recommend = {self.recommend}: the {self.model} model (target {self.target}) has no user "
+                "vectors to recommend with"
+            )
         return self
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     ]
 
 HoldoutMetric = Literal["rating_errors", "ranking"]
+SeenItems = Literal["rated", "liked"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,25 @@ class ModelSpec:
     has_global_mean: bool = False
     """Whether the published tables carry biases and a global mean (predicted ratings)."""
     holdout_metric: HoldoutMetric = "ranking"
+    seen_items: SeenItems = "liked"
+    """Which training ratings the model fitted, so count as seen: every ``rated`` item, or the
+    ``liked`` ones (rating >= ingest's like threshold; all of them without one)."""
+
+    fold_in: str | None = None
+    """``"module:function"``: the exact user half-step against fixed items, for
+    :func:`mf_dist.fold_in`; ``(rows, cols, values, n_rows, item_vectors, item_bias,
+    global_mean, hyperparameters) → (vectors, bias or None)``. None: the model has none."""
+
+    def fold_in_function(self) -> Callable:
+        """The model's fold-in row solve, imported on use (ValueError when it has none)."""
+        if self.fold_in is None:
+            raise ValueError(f"the {self.name} model has no fold-in")
+        module, _, attribute = self.fold_in.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def has_users(self, target: str) -> bool:
+        """Given ``settings.target``: whether the model publishes user vectors (it can recommend)."""
+        return "users" in self.tables(target)
 
     @property
     def default_solver(self) -> str:
@@ -175,6 +195,8 @@ register(
         needs_ratings=True,
         has_global_mean=True,
         holdout_metric="rating_errors",
+        seen_items="rated",
+        fold_in="mf_dist.models.explicit:fold_in_rows",
     )
 )
 register(
@@ -184,6 +206,7 @@ register(
         solvers=_solvers(als="implicit:ImplicitALS", gradient="implicit:ImplicitGradient"),
         defaults=ModelDefaults(epochs=15, learning_rate=0.01, rank=32, regularization=0.1, als_method="cg"),
         tables=_always("users", "items"),
+        fold_in="mf_dist.models.implicit:fold_in_rows",
     )
 )
 # NMF's projected gradient steps learning_rate / λ_max(Gram): 1 is the classic

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from mf_dist.config import RunConfig, load_config
 from mf_dist.errors import ConfigError
-from mf_dist.registry import MODELS, ModelDefaults
+from mf_dist.registry import MODELS, ModelDefaults, model_spec
 from mf_dist.settings import PER_MODEL_SETTINGS, TrainingOptions, TrainSettings
 
 # RunConfig.train_settings of the default run, dumped by the code before the
@@ -248,3 +248,38 @@ def test_the_trainers_take_values_a_run_refuses():
     assert (settings.learning_rate, settings.epochs) == (1e30, 200_000)
     with pytest.raises(ConfigError, match=r"epochs: .*less than or equal to 100000.*learning_rate: .*10"):
         load_config(None, input="in", output="out", epochs=200_000, learning_rate=1e30)
+
+
+@pytest.mark.parametrize(
+    ("model", "target"),
+    [
+        ("explicit", "cooccurrence"),
+        ("implicit", "cooccurrence"),
+        ("nmf", "ratings"),
+        ("cooccurrence", "ratings"),
+    ],
+)
+def test_recommend_needs_a_model_with_user_vectors(model, target):
+    """--recommend is accepted exactly where the registry says the model publishes users."""
+    if model_spec(model).has_users(target):
+        assert RunConfig(input="in", output="out", model=model, target=target, recommend=5).recommend == 5
+    else:
+        with pytest.raises(ValidationError, match="has no user vectors"):
+            RunConfig(input="in", output="out", model=model, target=target, recommend=5)
+    assert RunConfig(input="in", output="out", model=model, target=target).recommend == 0
+
+
+def test_the_seen_rule_follows_what_the_model_fits():
+    """Rating-value models count every rated item as seen; the others, the liked ones."""
+    builtin = ("cooccurrence", "explicit", "implicit", "nmf")
+    assert {name: model_spec(name).seen_items for name in builtin} == {
+        "cooccurrence": "liked",
+        "explicit": "rated",
+        "implicit": "liked",
+        "nmf": "liked",
+    }
+    assert [name for name in builtin if model_spec(name).has_users("ratings")] == [
+        "explicit",
+        "implicit",
+        "nmf",
+    ]

@@ -7,7 +7,11 @@ time and peak memory. Stages retry after a transient failure
 types, which a retry cannot fix) and are cached by a key of the input
 fingerprint, their settings and the code (:mod:`mf_dist.flows.stage_cache`), so a
 re-run after a late failure skips the stages that finished. Export always
-runs: every run publishes a new run id. The per-epoch loss becomes a table
+runs: every run publishes a new run id. Export writes the run's tables without
+moving ``LATEST``; the optional ``neighbors`` and ``recommendations`` stages
+compute theirs from that unpublished run, and a last ``publish`` task moves
+every table's ``LATEST`` to the run, so the derived tables are current
+exactly when the tables they come from are. The per-epoch loss becomes a table
 artifact and the loss curve a markdown artifact.
 
 Run it with ``mf-dist run`` / ``mf-dist demo``, from a deployment
@@ -45,11 +49,13 @@ from mf_dist.flows.stage_cache import (
 )
 from mf_dist.runtime.cluster import open_client
 from mf_dist.runtime.memory_monitor import PeakMemoryMonitor
+from mf_dist.stages.ann import AnnResult, build_ann
 from mf_dist.stages.cooccur import cooccurrence_blocks
 from mf_dist.stages.evaluation import holdout_metrics
-from mf_dist.stages.export import ExportResult, export_tables
+from mf_dist.stages.export import ExportResult, export_tables, publish_tables
 from mf_dist.stages.ingest import ingest_ratings
 from mf_dist.stages.neighbors import NeighborsResult, item_neighbors
+from mf_dist.stages.recommend import RecommendResult, recommend_items
 from mf_dist.stages.train import train_factors
 from mf_dist.storage.factor_files import EpochRecord, TrainResult
 from mf_dist.storage.ingested import IngestResult
@@ -80,6 +86,9 @@ OPERATIONAL_SETTINGS = frozenset(
         # The neighbours stage runs after export and is never cached itself.
         "neighbors",
         "neighbors_metric",
+        # So does the recommendations stage.
+        "recommend",
+        "ann",
     }
 )
 
@@ -112,6 +121,8 @@ class PipelineSummary(BaseModel):
     evaluation: dict[str, float] = {}
     export: ExportResult
     neighbors: NeighborsResult | None = None
+    recommendations: RecommendResult | None = None
+    ann: AnnResult | None = None
     stages: list[StageReport]
 
 
@@ -243,6 +254,8 @@ def export_task(
             config=config.model_dump(mode="json"),
             extra_manifest={"evaluation": evaluation} if evaluation else None,
             storage_options=config.storage_options,
+            # LATEST moves in publish_task, after the tables derived from these.
+            publish=False,
         ),
     )
 
@@ -269,8 +282,51 @@ def neighbors_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[Neig
             block_size=config.block_size,
             run_id=run_id,
             device=config.device,
+            publish=False,
         ),
     )
+
+
+@task(
+    name="recommendations", cache_policy=NO_CACHE, retry_condition_fn=is_transient, result_serializer="json"
+)
+def recommend_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[RecommendResult, StageReport]:
+    """Each user's top-N unseen items of this run, the seen ones read from the run's own ingest."""
+    return _run_stage(
+        "recommendations",
+        scheduler,
+        lambda client: recommend_items(
+            client,
+            config.output,
+            config.recommend,
+            work_dir=config.resolved_work_dir,
+            source_run_id=run_id,
+            block_size=config.block_size,
+            run_id=run_id,
+            device=config.device,
+            publish=False,
+        ),
+    )
+
+
+@task(name="ann", cache_policy=NO_CACHE, retry_condition_fn=is_transient, result_serializer="json")
+def ann_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[AnnResult, StageReport]:
+    """An ANN index of this run's items (before the run's commit)."""
+    return _run_stage(
+        "ann",
+        scheduler,
+        lambda client: build_ann(
+            client, config.output, config.ann, source_run_id=run_id, run_id=run_id, publish=False
+        ),
+    )
+
+
+@task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def publish_task(
+    output: str, tables: list[str], run_id: str, storage_options: dict[str, str] | None = None
+) -> None:
+    """The run's commit: every table's LATEST moves to the run, embeddings first, derived tables after."""
+    publish_tables(output, tables, run_id, storage_options)
 
 
 def training_key_settings(config: RunConfig) -> dict[str, Any]:
@@ -370,6 +426,24 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
                 retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
             )(scheduler, config, run_id)
             reports.append(neighbors_report)
+        recommendations = None
+        if config.recommend:
+            recommendations, recommend_report = recommend_task.with_options(
+                retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
+            )(scheduler, config, run_id)
+            reports.append(recommend_report)
+        ann = None
+        if config.ann != "none":
+            ann, ann_report = ann_task.with_options(
+                retries=config.retries, retry_delay_seconds=config.retry_delay_seconds
+            )(scheduler, config, run_id)
+            reports.append(ann_report)
+        published = [table.name for table in exported.tables]
+        derived = (("neighbors", neighbors), ("recommendations", recommendations), ("ann", ann))
+        published += [name for name, done in derived if done]
+        publish_task.with_options(retries=config.retries, retry_delay_seconds=config.retry_delay_seconds)(
+            config.output, published, run_id, config.storage_options
+        )
     return PipelineSummary(
         run_id=run_id,
         model=config.model,
@@ -387,5 +461,7 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         evaluation=evaluation,
         export=exported,
         neighbors=neighbors,
+        recommendations=recommendations,
+        ann=ann,
         stages=reports,
     )

@@ -165,3 +165,31 @@ def cg_update_rows(
     solution = normal_equations.conjugate_gradient(matvec, rhs, start, steps)
     rank = col_vectors.shape[1]
     return solution[:, :rank].contiguous(), solution[:, rank].contiguous()
+
+
+def fold_in_rows(
+    rows: Tensor,
+    cols: Tensor,
+    values: Tensor,
+    n_rows: int,
+    col_vectors: Tensor,
+    col_bias: Tensor | None,
+    global_mean: float,
+    hyperparameters: dict,
+) -> tuple[Tensor, Tensor | None]:
+    """New users' vectors and biases against fixed items: the exact ALS user half-step.
+
+    :func:`als_update_rows` with the run's ``regularization`` (weighted-λ), the
+    same solve as training's; ``col_bias`` is required.
+    """
+    assert col_bias is not None, "the explicit model's items carry biases"
+    return als_update_rows(
+        rows,
+        cols,
+        values,
+        n_rows,
+        col_vectors,
+        col_bias,
+        global_mean,
+        float(hyperparameters["regularization"]),
+    )

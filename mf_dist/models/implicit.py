@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mf_dist.solvers import normal_equations, weighted_cg, weighted_cholesky
+from mf_dist.solvers.rows import gram
 
 
 def confidence(values: Tensor, alpha: float) -> Tensor:
@@ -137,3 +138,33 @@ def row_gradient(
     gradient = row_vectors @ col_gram.to(dtype) + regularization * row_vectors
     gradient = gradient.index_add(0, rows, features * ((weights - 1) * scores - weights)[:, None])
     return 2 * gradient
+
+
+def fold_in_rows(
+    rows: Tensor,
+    cols: Tensor,
+    values: Tensor,
+    n_rows: int,
+    col_vectors: Tensor,
+    col_bias: Tensor | None,
+    global_mean: float,
+    hyperparameters: dict,
+) -> tuple[Tensor, None]:
+    """New users' vectors against fixed items: the exact ALS user half-step (no biases).
+
+    :func:`exact_update_rows` with YᵀY of all the items and the run's
+    ``alpha`` and ``regularization``; ``values`` are the liked entries' r_ui.
+    """
+    return (
+        exact_update_rows(
+            rows,
+            cols,
+            values,
+            n_rows,
+            col_vectors,
+            gram(col_vectors),
+            float(hyperparameters["alpha"]),
+            float(hyperparameters["regularization"]),
+        ),
+        None,
+    )

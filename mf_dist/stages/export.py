@@ -144,15 +144,19 @@ def export_tables(
     config: dict[str, Any],
     extra_manifest: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    publish: bool = True,
 ) -> ExportResult:
     """Write every trained table under ``runs/<run_id>/`` and then publish them.
 
     All tables are written completely before the first ``LATEST`` moves, so a
-    failure while writing leaves every table on its previous run.
+    failure while writing leaves every table on its previous run. With
+    ``publish=False`` the runs are moved into place but no ``LATEST`` moves:
+    the caller publishes them with :func:`publish_tables`, after the tables
+    derived from them (the flow's ``neighbors`` and ``recommendations``).
     """
     if is_remote(str(output)):
         return _export_remote(
-            client, train, ingest, str(output), run_id, config, extra_manifest, storage_options or {}
+            client, train, ingest, str(output), run_id, config, extra_manifest, storage_options or {}, publish
         )
     output = Path(local_path(output))
     written: list[tuple[Path, Path, PublishedTable]] = []
@@ -165,9 +169,38 @@ def export_tables(
         raise OutputError(f"cannot write the output tables under {output}: {exc}") from exc
     for table_dir, partial, _ in written:
         move_into_place(partial, table_dir / "runs" / run_id)
-    for table_dir, _, _ in written:
-        publish_run(table_dir, run_id)
+    if publish:
+        for table_dir, _, _ in written:
+            publish_run(table_dir, run_id)
     return ExportResult(run_id=run_id, tables=[published for _, _, published in written])
+
+
+def publish_tables(
+    output: str | Path, tables: list[str], run_id: str, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Point each table's ``LATEST`` at ``run_id`` (already in place under ``runs/``), in the given order.
+
+    One ``LATEST`` after the other: the commit of a run whose tables were
+    all written, and derived ones computed, before the first moves. On an
+    object store a run is complete when its manifest is there (written last).
+    """
+    if is_remote(str(output)):
+        filesystem, _ = resolve(str(output), storage_options)
+        for table in tables:
+            manifest = join(str(output), table, "runs", run_id, MANIFEST_FILE)
+            with storage_errors(manifest, OutputError):
+                complete = filesystem.exists(resolve(manifest, storage_options)[1])
+            if not complete:
+                raise OutputError(f"{manifest}: missing; cannot publish run {run_id} of {table}")
+        for table in tables:
+            publish_run_remote(join(str(output), table), run_id, storage_options)
+        return
+    for table in tables:
+        run_dir = Path(output) / table / "runs" / run_id
+        if not run_dir.is_dir():
+            raise OutputError(f"{run_dir}: missing; cannot publish run {run_id} of {table}")
+    for table in tables:
+        publish_run(Path(output) / table, run_id)
 
 
 def _export_remote(
@@ -179,8 +212,12 @@ def _export_remote(
     config: dict[str, Any],
     extra_manifest: dict[str, Any] | None,
     storage_options: dict[str, Any],
+    publish: bool,
 ) -> ExportResult:
-    """:func:`export_tables` on an object store: runs/<run_id>/ per table, manifests last, then LATESTs."""
+    """:func:`export_tables` on an object store: runs/<run_id>/ per table, manifests last, then LATESTs.
+
+    With ``publish=False`` no ``LATEST`` moves (see :func:`publish_tables`).
+    """
     filesystem, _ = resolve(output, storage_options)
     check_bucket(output, storage_options, OutputError)
     written: list[tuple[str, PublishedTable]] = []
@@ -213,8 +250,9 @@ def _export_remote(
             with contextlib.suppress(Exception):
                 filesystem.rm(run_path, recursive=True)
         raise
-    for table_url, _ in written:
-        publish_run_remote(table_url, run_id, storage_options)
+    if publish:
+        for table_url, _ in written:
+            publish_run_remote(table_url, run_id, storage_options)
     return ExportResult(run_id=run_id, tables=[published for _, published in written])
 
 

@@ -236,6 +236,7 @@ def item_neighbors(
     run_id: str | None = None,
     device: str = "auto",
     on_block: Callable[[int, int], None] | None = None,
+    publish: bool = True,
 ) -> NeighborsResult:
     """Compute and publish the ``neighbors`` table of an ``items`` embedding table.
 
@@ -243,9 +244,12 @@ def item_neighbors(
     of its run directories; ``output`` (default: the output directory the
     items table lives in) receives ``neighbors/``. ``k`` is capped at the
     number of items − 1. ``on_block(done, total)`` is called on the driver as
-    query blocks finish. Raises :class:`ConfigError` for a bad ``k``,
-    ``metric`` or ``block_size`` and :class:`OutputError` when the source is
-    not an items table or the output cannot be written.
+    query blocks finish. With ``publish=False`` the run is moved into place
+    but ``LATEST`` is left to the caller (the flow commits all of a run's
+    tables together, :func:`mf_dist.stages.export.publish_tables`). Raises
+    :class:`ConfigError` for a bad ``k``, ``metric`` or ``block_size`` and
+    :class:`OutputError` when the source is not an items table or the output
+    cannot be written.
     """
     if metric not in METRICS:
         raise ConfigError(f"unknown similarity {metric!r}; choose one of {', '.join(METRICS)}")
@@ -364,7 +368,8 @@ def item_neighbors(
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write the neighbors table under {table_dir}: {exc}") from exc
         raise
-    publish_run(table_dir, run_id)
+    if publish:
+        publish_run(table_dir, run_id)
     return NeighborsResult(
         run_id=run_id,
         path=str(table_dir / "runs" / run_id),

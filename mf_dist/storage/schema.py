@@ -26,6 +26,14 @@ per item, sorted by item then rank::
     score         float32, cosine or dot product of the two embeddings
     rank          int32, 1 = most similar
 
+Recommendations table (``<output>/recommendations/runs/<run_id>/part-*.parquet``),
+at most N rows per user, sorted by user (the users table's row order) then rank::
+
+    user_id       the users table's id type
+    item_id       the items table's id type
+    score         float32, the model's prediction (explicit: the rating, biases included)
+    rank          int32, 1 = best
+
 The full contract, with the manifest fields, is docs/tables.md.
 """
 
@@ -66,6 +74,18 @@ def neighbors_table_schema(id_type: pa.DataType) -> pa.Schema:
         [
             pa.field("item_id", id_type, nullable=False),
             pa.field("neighbor_id", id_type, nullable=False),
+            pa.field("score", pa.float32(), nullable=False),
+            pa.field("rank", pa.int32(), nullable=False),
+        ]
+    )
+
+
+def recommendations_table_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Schema:
+    """Schema of the published ``recommendations`` table; ids have the users' and items' tables types."""
+    return pa.schema(
+        [
+            pa.field("user_id", user_type, nullable=False),
+            pa.field("item_id", item_type, nullable=False),
             pa.field("score", pa.float32(), nullable=False),
             pa.field("rank", pa.int32(), nullable=False),
         ]

@@ -91,6 +91,7 @@ def test_rerun_after_a_late_failure_skips_the_finished_stages(prefect_server, cl
         "cooccurrence": "Cached",
         "train": "Cached",
         "export": "Completed",
+        "publish": "Completed",
     }
     assert ingest_marker.stat().st_mtime_ns == ingested_at, "a cached stage must not rewrite its files"
     summary = second.result()
@@ -106,6 +107,7 @@ def test_rerun_after_a_late_failure_skips_the_finished_stages(prefect_server, cl
         "cooccurrence": "Cached",
         "train": "Completed",
         "export": "Completed",
+        "publish": "Completed",
     }
     assert third.result().final_loss != summary.final_loss
 

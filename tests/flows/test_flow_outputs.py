@@ -1,7 +1,7 @@
 """What one real flow run publishes, read the ways downstream users read it.
 
 One explicit-model run (users and items, with biases) plus the optional
-neighbours stage, on a real cluster and a temporary Prefect server. Every
+neighbours and recommendations stages, on a real cluster and a temporary Prefect server. Every
 reader must see the same ids and exactly the same float32 values, the
 documented prediction rule must work in SQL, and the neighbours must be the
 brute-force ones of the published vectors.
@@ -47,6 +47,8 @@ def flow_run(
         block_size=100,
         scheduler=client.scheduler.address,
         neighbors=3,
+        recommend=5,
+        ann="hnsw",
     )
     return factorization_pipeline(config), directory / "out", tiny_ratings
 
@@ -116,3 +118,35 @@ def test_the_neighbors_stage_publishes_brute_force_neighbours_of_the_run(flow_ru
     assert manifest["source"]["run_id"] == summary.run_id
     items = read_embeddings(output, "items")
     assert_matches_brute_force(output, items.ids.tolist(), items.vectors, "cosine", k=3)
+
+
+def test_the_recommendations_stage_publishes_each_users_best_unrated_items(flow_run):
+    summary, output, ratings = flow_run
+    assert summary.recommendations is not None and summary.recommendations.run_id == summary.run_id
+    # One commit: every table's LATEST names the run, moved after all were written.
+    for table in ("users", "items", "neighbors", "recommendations", "ann"):
+        assert (output / table / "LATEST").read_text().strip() == summary.run_id
+    assert [stage.name for stage in summary.stages][-3:] == ["neighbors", "recommendations", "ann"]
+    assert summary.ann is not None and summary.ann.kind == "hnsw" and summary.ann.dim == 5
+    assert "recommendations" in [stage.name for stage in summary.stages]
+    table, manifest, _ = read_published(output, "recommendations")
+    assert manifest["source"]["run_id"] == summary.run_id and manifest["seen"] == "rated"
+    users, items = read_embeddings(output, "users"), read_embeddings(output, "items")
+    predicted = (
+        items.manifest["global_mean"]
+        + users.bias.astype(np.float64)[:, None]
+        + items.bias.astype(np.float64)[None, :]
+        + users.vectors.astype(np.float64) @ items.vectors.astype(np.float64).T
+    )
+    user_row = {user: row for row, user in enumerate(users.ids)}
+    item_row = {item: row for row, item in enumerate(items.ids)}
+    predicted[
+        [user_row[user] for user in ratings.user_id], [item_row[item] for item in ratings.item_id]
+    ] = -np.inf
+    frame = table.to_pandas()
+    assert frame.user_id.tolist() == np.repeat(users.ids, 5).tolist()
+    best = np.argsort(-predicted, axis=1, kind="stable")[:, :5]
+    assert frame.item_id.tolist() == items.ids[best].reshape(-1).tolist()
+    np.testing.assert_allclose(
+        frame.score.to_numpy(), np.take_along_axis(predicted, best, 1).reshape(-1), rtol=1e-5, atol=1e-5
+    )

@@ -25,7 +25,12 @@ from mf_dist import read_embeddings
 from mf_dist.errors import OutputError
 from mf_dist.stages.export import LOSS_CURVE_FILE, TARGET_PART_BYTES, part_plan
 from mf_dist.storage.factor_files import FactorTable
-from mf_dist.storage.schema import FORMAT_VERSION, embedding_table_schema, neighbors_table_schema
+from mf_dist.storage.schema import (
+    FORMAT_VERSION,
+    embedding_table_schema,
+    neighbors_table_schema,
+    recommendations_table_schema,
+)
 from tests.support.paths import REPO
 from tests.support.published import publish_items
 
@@ -58,6 +63,17 @@ SCHEMAS_BY_VERSION = {
                 [
                     pa.field("item_id", pa.int64(), nullable=False),
                     pa.field("neighbor_id", pa.int64(), nullable=False),
+                    pa.field("score", pa.float32(), nullable=False),
+                    pa.field("rank", pa.int32(), nullable=False),
+                ]
+            ),
+        ),
+        "recommendations (int users, string items)": (
+            recommendations_table_schema(pa.int64(), pa.string()),
+            pa.schema(
+                [
+                    pa.field("user_id", pa.int64(), nullable=False),
+                    pa.field("item_id", pa.string(), nullable=False),
                     pa.field("score", pa.float32(), nullable=False),
                     pa.field("rank", pa.int32(), nullable=False),
                 ]

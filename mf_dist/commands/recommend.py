@@ -1,0 +1,116 @@
+"""``mf-dist recommend OUTPUT -n N``: compute and publish the recommendations table of a published run."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import typer
+from rich.console import Console
+
+from mf_dist.errors import ConfigError
+from mf_dist.terminal.progress import count_progress
+
+console = Console()
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+
+def read_user_ids(path: Path) -> list[Any]:
+    """User ids from a Parquet file (its ``user_id`` column, else its only column) or a text file, one a line.
+
+    Text ids that are all integers are read as integers (the users table's
+    ids are int64 or string).
+    """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        column = "user_id" if "user_id" in table.column_names else table.column_names[0]
+        if table.num_columns != 1 and column != "user_id":
+            raise ConfigError(f"{path}: no user_id column (columns: {', '.join(table.column_names)})")
+        return table[column].to_pylist()
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the user ids: {exc}") from exc
+    try:
+        return [int(line) for line in lines]
+    except ValueError:
+        return lines
+
+
+def recommend(
+    path: Annotated[Path, typer.Argument(help="Output directory of a run with users and items tables.")],
+    n: Annotated[int, typer.Option("--n", "-n", help="Items per user.")] = 10,
+    users: Annotated[
+        Optional[Path],
+        typer.Option(help="Only these users: a text file of ids, one a line, or Parquet with user_id."),
+    ] = None,
+    keep_seen: Annotated[
+        bool, typer.Option("--keep-seen", help="Keep the items users already rated (liked) in training.")
+    ] = False,
+    work_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="The run's work directory, where seen items are read (default: the run's own)."),
+    ] = None,
+    run: Annotated[Optional[str], typer.Option(help="Run id (default: the current users run).")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Where recommendations/ goes (default: PATH).")
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Users or items per block.")] = 4096,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")
+    ] = None,
+    scheduler: Annotated[
+        Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")
+    ] = None,
+    device: Annotated[DeviceChoice, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Each user's top-N items by the model's prediction, items seen in training left out, as a table.
+
+    Seen items come from the run's work directory (its ingest output): the
+    run's own (config work_dir, else <output>/_work) unless --work-dir says
+    otherwise; without it, give --keep-seen.
+    """
+    from mf_dist.runtime.cluster import open_client
+    from mf_dist.stages.recommend import recommend_items
+    from mf_dist.storage.output_lock import exclusive_directory
+    from mf_dist.storage.reader import read_manifest, resolve_run_dir
+
+    started = time.perf_counter()
+    users_run = resolve_run_dir(path / "users" / "runs" / run if run else path, "users")
+    if work_dir is None and not keep_seen:
+        config = read_manifest(users_run).get("config") or {}
+        work_dir = Path(config["work_dir"]) if config.get("work_dir") else users_run.parents[2] / "_work"
+    wanted = read_user_ids(users) if users is not None else None
+    target = output if output is not None else path
+    with (
+        exclusive_directory(target, purpose="mf-dist recommend"),
+        open_client(workers=workers or max(1, min(os.cpu_count() or 1, 8)), scheduler=scheduler) as client,
+        count_progress(console, "recommendations", "blocks", quiet=quiet) as on_block,
+    ):
+        result = recommend_items(
+            client,
+            path,
+            n,
+            work_dir=work_dir,
+            keep_seen=keep_seen,
+            users=wanted,
+            output=output,
+            source_run_id=run,
+            block_size=block_size,
+            device=device,
+            on_block=on_block,
+        )
+    console.print(
+        f"recommendations: {result.users:,} users × top {result.n} "
+        f"({result.rows:,} rows, seen {result.seen}, "
+        f"{result.users_short:,} users short of {result.n}, {result.device}) → {result.path} "
+        f"in {time.perf_counter() - started:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )

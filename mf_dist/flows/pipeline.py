@@ -321,7 +321,7 @@ def ann_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[AnnResult,
     )
 
 
-@task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+@task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=is_transient, result_serializer="json")
 def publish_task(
     output: str, tables: list[str], run_id: str, storage_options: dict[str, str] | None = None
 ) -> None:

@@ -40,7 +40,8 @@ def load_ratings_blocks(path: str, user_start: int, item_grid: BlockGrid) -> lis
     table = pq.read_table(path)
     users = torch.from_numpy(table["user"].to_numpy().astype("int64")) - user_start
     items = torch.from_numpy(table["item"].to_numpy().astype("int64"))
-    ratings = torch.from_numpy(table["rating"].to_numpy())
+    # Arrow's buffer is read-only, and torch warns on every run about a tensor over one.
+    ratings = torch.from_numpy(table["rating"].to_numpy().copy())
     blocks = []
     for _, start, stop in item_grid:
         inside = (items >= start) & (items < stop)

@@ -22,9 +22,7 @@ the index itself does). Output, published like the other tables::
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +32,8 @@ import pyarrow.parquet as pq
 from distributed import Client
 from pydantic import BaseModel
 
-from mf_dist.errors import ConfigError, OutputError
-from mf_dist.storage.publish import move_into_place, new_run_id, publish_run
+from mf_dist.errors import ConfigError
+from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import read_embeddings, read_manifest, resolve_run_dir
 from mf_dist.storage.schema import FORMAT_VERSION
 
@@ -148,12 +146,7 @@ def build_ann(
     output_dir = Path(output) if output is not None else items_run.parents[2]
     run_id = run_id or new_run_id()
     table_dir = output_dir / ANN_TABLE
-    partial = table_dir / "runs" / f".{run_id}.partial"
-    try:
-        partial.mkdir(parents=True, exist_ok=False)
-    except OSError as exc:
-        raise OutputError(f"cannot create {partial}: {exc}") from exc
-    try:
+    with staged_run(table_dir, run_id, "the ANN index") as partial:
         items, dim = client.submit(_build, kind, str(items_run), str(partial), pure=False).result()
         with_bias = "bias" in manifest.get("columns", [])
         ann_manifest = {
@@ -177,16 +170,7 @@ def build_ann(
             },
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
         }
-        with open(partial / "_manifest.json", "w") as handle:
-            json.dump(ann_manifest, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        move_into_place(partial, table_dir / "runs" / run_id)
-    except BaseException as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write the ANN index under {table_dir}: {exc}") from exc
-        raise
+        write_manifest(partial, ann_manifest)
     if publish:
         publish_run(table_dir, run_id)
     return AnnResult(

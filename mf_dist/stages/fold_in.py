@@ -23,10 +23,7 @@ replaced in place or appended, the manifest naming the base run
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +32,7 @@ import numpy as np
 
 from mf_dist.errors import ConfigError, InputError, OutputError
 from mf_dist.registry import model_spec
-from mf_dist.storage.publish import move_into_place, new_run_id, publish_run
+from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import Embeddings, read_embeddings, read_manifest, resolve_run_dir
 from mf_dist.storage.schema import embedding_table_schema
 
@@ -219,9 +216,7 @@ def publish_folded_users(
         columns.append(pa.array(bias))
     run_id = run_id or new_run_id()
     table_dir = output / "users"
-    partial = table_dir / "runs" / f".{run_id}.partial"
-    try:
-        partial.mkdir(parents=True, exist_ok=False)
+    with staged_run(table_dir, run_id, "the users table") as partial:
         name = "part-00000.parquet"
         table = pa.Table.from_arrays(columns, schema=schema)
         pq.write_table(table, partial / name, row_group_size=max(1, table.num_rows))
@@ -244,16 +239,7 @@ def publish_folded_users(
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
         }
         manifest.pop("loss_curve", None)
-        with open(partial / "_manifest.json", "w") as handle:
-            json.dump(manifest, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        move_into_place(partial, table_dir / "runs" / run_id)
-    except BaseException as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write the users table under {table_dir}: {exc}") from exc
-        raise
+        write_manifest(partial, manifest)
     publish_run(table_dir, run_id)
     return FoldInResult(
         run_id=run_id,

@@ -22,9 +22,7 @@ Output, published like the embedding tables (see :mod:`mf_dist.stages.export`)::
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -39,7 +37,7 @@ from pydantic import BaseModel
 from mf_dist.errors import ConfigError, OutputError
 from mf_dist.runtime.cluster import compute_device, training_resources
 from mf_dist.stages.export import TARGET_PART_BYTES
-from mf_dist.storage.publish import move_into_place, new_run_id, publish_run
+from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import read_manifest, resolve_run_dir
 from mf_dist.storage.schema import FORMAT_VERSION, neighbors_table_schema
 
@@ -314,12 +312,7 @@ def item_neighbors(
     output_groups = group_consecutive(block_output_bytes, TARGET_PART_BYTES)
     names = [f"part-{index:05d}.parquet" for index in range(len(output_groups))]
     table_dir = output_dir / NEIGHBORS_TABLE
-    partial = table_dir / "runs" / f".{run_id}.partial"
-    try:
-        partial.mkdir(parents=True, exist_ok=False)
-    except OSError as exc:
-        raise OutputError(f"cannot create {partial}: {exc}") from exc
-    try:
+    with staged_run(table_dir, run_id, "the neighbors table") as partial:
         rows = client.gather(
             [
                 client.submit(
@@ -357,17 +350,7 @@ def item_neighbors(
             "device": compute_on,
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
         }
-        with open(partial / "_manifest.json", "w") as handle:
-            json.dump(neighbors_manifest, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        move_into_place(partial, table_dir / "runs" / run_id)
-    except BaseException as exc:
-        # Whatever went wrong, no half-written run is left where a reader could look.
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write the neighbors table under {table_dir}: {exc}") from exc
-        raise
+        write_manifest(partial, neighbors_manifest)
     if publish:
         publish_run(table_dir, run_id)
     return NeighborsResult(

@@ -35,10 +35,8 @@ Output, published like the embedding tables (see :mod:`mf_dist.stages.export`)::
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -58,7 +56,7 @@ from mf_dist.runtime.cluster import compute_device, training_resources
 from mf_dist.stages.export import TARGET_PART_BYTES
 from mf_dist.stages.neighbors import group_consecutive, load_ids, plan_blocks
 from mf_dist.storage.ingested import IngestResult, liked_mask, load_ingest_result
-from mf_dist.storage.publish import move_into_place, new_run_id, publish_run
+from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import read_manifest, resolve_run_dir
 from mf_dist.storage.schema import FORMAT_VERSION, recommendations_table_schema
 
@@ -583,12 +581,7 @@ def recommend_items(
     )
     names = [f"part-{index:05d}.parquet" for index in range(len(output_groups))]
     table_dir = output_dir / RECOMMENDATIONS_TABLE
-    partial = table_dir / "runs" / f".{run_id}.partial"
-    try:
-        partial.mkdir(parents=True, exist_ok=False)
-    except OSError as exc:
-        raise OutputError(f"cannot create {partial}: {exc}") from exc
-    try:
+    with staged_run(table_dir, run_id, "the recommendations table") as partial:
         written = client.gather(
             [
                 client.submit(
@@ -635,16 +628,7 @@ def recommend_items(
             "device": compute_on,
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
         }
-        with open(partial / "_manifest.json", "w") as handle:
-            json.dump(manifest, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        move_into_place(partial, table_dir / "runs" / run_id)
-    except BaseException as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write the recommendations table under {table_dir}: {exc}") from exc
-        raise
+        write_manifest(partial, manifest)
     if publish:
         publish_run(table_dir, run_id)
     return RecommendResult(

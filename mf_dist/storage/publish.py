@@ -14,9 +14,13 @@ its files under ``runs/<run_id>/`` (without a manifest, or never named by
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import os
 import secrets
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,38 @@ def move_into_place(partial: Path, final: Path) -> None:
     """Rename a completely written run directory to its final name, durably."""
     os.rename(partial, final)
     fsync_path(final.parent)
+
+
+@contextlib.contextmanager
+def staged_run(table_dir: Path, run_id: str, what: str) -> Iterator[Path]:
+    """A run written in ``runs/.<run_id>.partial/`` and moved to ``runs/<run_id>/`` when the block ends.
+
+    Yields the partial directory. On any exception it is removed, so no
+    half-written run is left where a reader could look; an ``OSError`` becomes
+    an :class:`OutputError` naming ``what`` (e.g. "the neighbors table").
+    ``LATEST`` is not touched: see :func:`publish_run`.
+    """
+    partial = table_dir / "runs" / f".{run_id}.partial"
+    try:
+        partial.mkdir(parents=True, exist_ok=False)
+    except OSError as exc:
+        raise OutputError(f"cannot create {partial}: {exc}") from exc
+    try:
+        yield partial
+        move_into_place(partial, table_dir / "runs" / run_id)
+    except BaseException as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {what} under {table_dir}: {exc}") from exc
+        raise
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write ``run_dir/_manifest.json`` and flush it to disk (the manifest is a run's last file)."""
+    with open(run_dir / "_manifest.json", "w") as handle:
+        json.dump(manifest, handle, indent=2, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def publish_run(table_dir: Path, run_id: str) -> None:

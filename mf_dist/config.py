@@ -8,7 +8,6 @@ with a :class:`~mf_dist.errors.ConfigError` naming the key.
 from __future__ import annotations
 
 import itertools
-import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from pydantic.fields import FieldInfo
 
 from mf_dist.errors import ConfigError
 from mf_dist.registry import ModelDefaults, model_spec
-from mf_dist.runtime.cluster_settings import ClusterSettings
+from mf_dist.runtime.cluster_settings import ClusterSettings, default_worker_count
 from mf_dist.settings import DuplicatePolicy, NeighborsMetric, TrainingOptions, TrainSettings
 from mf_dist.storage.filesystems import check_url, is_remote, local_path
 
@@ -89,7 +88,7 @@ class RunConfig(TrainingOptions):
     )
 
     workers: int = Field(
-        default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)),
+        default_factory=default_worker_count,
         ge=1,
         le=1024,
         description=(

@@ -9,6 +9,8 @@ from typing import Annotated, Literal, Optional
 import typer
 from rich.console import Console
 
+from mf_dist.commands.options import SchedulerOption, WorkersOption
+
 console = Console()
 
 AnnKind = Literal["faiss", "hnsw"]
@@ -22,12 +24,8 @@ def ann(
     output: Annotated[
         Optional[Path], typer.Option(help="Where ann/ goes (default: beside the items table).")
     ] = None,
-    workers: Annotated[
-        Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")
-    ] = None,
-    scheduler: Annotated[
-        Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")
-    ] = None,
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
 ) -> None:
     """An HNSW inner-product index of the items, for ranking items for a user (docs/tables.md, `ann`)."""
     from mf_dist.runtime.cluster import open_client

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +9,7 @@ import typer
 from rich.console import Console
 
 from mf_dist.errors import InputError
+from mf_dist.runtime.cluster_settings import default_worker_count
 
 console = Console()
 
@@ -61,9 +61,7 @@ def fold_in(
                 config.get("rating_col", "rating"): "rating",
             }
             seen = frame.rename(columns=columns)
-            with open_client(
-                workers=workers or max(1, min(os.cpu_count() or 1, 8)), scheduler=scheduler
-            ) as client:
+            with open_client(workers=workers or default_worker_count(), scheduler=scheduler) as client:
                 recommendations = recommend_items(
                     client,
                     path,

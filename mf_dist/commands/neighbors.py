@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
+from mf_dist.commands.options import DeviceOption, QuietOption, SchedulerOption, WorkersOption
+from mf_dist.runtime.cluster_settings import default_worker_count
+from mf_dist.settings import NeighborsMetric
 from mf_dist.terminal.progress import count_progress
 
 console = Console()
-
-MetricName = Literal["cosine", "dot"]
-DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 def neighbors(
@@ -23,19 +22,15 @@ def neighbors(
         Path, typer.Argument(help="Output directory, items table (e.g. out/items) or one of its runs.")
     ],
     k: Annotated[int, typer.Option("--k", "-k", help="Neighbours per item.")] = 10,
-    metric: Annotated[MetricName, typer.Option(help="Similarity: cosine or dot product.")] = "cosine",
+    metric: Annotated[NeighborsMetric, typer.Option(help="Similarity: cosine or dot product.")] = "cosine",
     output: Annotated[
         Optional[Path], typer.Option(help="Where neighbors/ goes (default: beside the items table).")
     ] = None,
     block_size: Annotated[int, typer.Option(help="Items per block (scores per task: block²).")] = 4096,
-    workers: Annotated[
-        Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")
-    ] = None,
-    scheduler: Annotated[
-        Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")
-    ] = None,
-    device: Annotated[DeviceChoice, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
 ) -> None:
     """For every item, its k most similar items (by cosine or dot product), as a published table."""
     # Imported here: torch and Dask take seconds to import, and `mf-dist --help` should not wait.
@@ -50,7 +45,7 @@ def neighbors(
     target = output if output is not None else resolve_run_dir(path, "items").parents[2]
     with (
         exclusive_directory(target, purpose="mf-dist neighbors"),
-        open_client(workers=workers or max(1, min(os.cpu_count() or 1, 8)), scheduler=scheduler) as client,
+        open_client(workers=workers or default_worker_count(), scheduler=scheduler) as client,
         count_progress(console, "neighbours", "blocks", quiet=quiet) as on_block,
     ):
         result = item_neighbors(

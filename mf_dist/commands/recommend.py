@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
+from mf_dist.commands.options import DeviceOption, QuietOption, SchedulerOption, WorkersOption
 from mf_dist.errors import ConfigError
+from mf_dist.runtime.cluster_settings import default_worker_count
 from mf_dist.terminal.progress import count_progress
 
 console = Console()
-
-DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 def read_user_ids(path: Path) -> list[Any]:
@@ -61,14 +60,10 @@ def recommend(
         Optional[Path], typer.Option(help="Where recommendations/ goes (default: PATH).")
     ] = None,
     block_size: Annotated[int, typer.Option(help="Users or items per block.")] = 4096,
-    workers: Annotated[
-        Optional[int], typer.Option(help="Worker processes of the local Dask cluster.")
-    ] = None,
-    scheduler: Annotated[
-        Optional[str], typer.Option(help="Join this Dask scheduler (tcp://host:port).")
-    ] = None,
-    device: Annotated[DeviceChoice, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
 ) -> None:
     """Each user's top-N items by the model's prediction, items seen in training left out, as a table.
 
@@ -90,7 +85,7 @@ def recommend(
     target = output if output is not None else path
     with (
         exclusive_directory(target, purpose="mf-dist recommend"),
-        open_client(workers=workers or max(1, min(os.cpu_count() or 1, 8)), scheduler=scheduler) as client,
+        open_client(workers=workers or default_worker_count(), scheduler=scheduler) as client,
         count_progress(console, "recommendations", "blocks", quiet=quiet) as on_block,
     ):
         result = recommend_items(

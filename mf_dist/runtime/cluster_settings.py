@@ -25,10 +25,17 @@ Unknown keys are rejected like everywhere else in the config.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def default_worker_count() -> int:
+    """Workers of a local cluster when none are asked for: one per core, at most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
 
 ClusterKind = Literal["local", "slurm", "kubernetes"]
 

@@ -15,6 +15,7 @@ SUITE_NAMES = (
     "explicit-als",
     "nmf",
     "cooccurrence-embedding",
+    "recommend",
     "end-to-end",
 )
 """The names of :data:`mf_dist.bench.suites.SUITES`, in order (a test keeps them equal)."""

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import torch
 from distributed import Client
 
+from mf_dist.bench import recommend as recommend_suite
 from mf_dist.bench.data import (
     many_items_dir,
     most_liked_items_dir,
@@ -924,6 +925,17 @@ SUITES: dict[str, Suite] = {
                 if _is_large(variant)
                 else None
             ),
+        ),
+        Suite(
+            "recommend",
+            "≤ 0.5× implicit's time, identical top-100 lists (up to ties), no process above 4 GB",
+            # All users' top 100 (seen likes filtered); fold-in of 10,000 new users.
+            recommend_suite.VARIANTS,
+            recommend_suite.prepare_recommend,
+            recommend_suite.ours,
+            recommend_suite.reference,
+            lambda: _missing("implicit"),
+            variant_target=recommend_suite.variant_target,
         ),
         Suite(
             "end-to-end",

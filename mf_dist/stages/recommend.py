@@ -278,7 +278,27 @@ def fold_items(
     """Merge the scores of ``query`` against each item block of ``candidates`` into the running top-N.
 
     Seen items score −inf; so do the empty slots, whose row is −1. The
-    writer drops every −inf.
+    writer drops every −inf. On the CPU a compiled loop merges the scores
+    tile by tile (:func:`fold_items_compiled`), elsewhere torch
+    (:func:`fold_items_torch`); both give the same top-N.
+    """
+    if query.vectors.device.type == "cpu" and _finite(query, candidates):
+        return fold_items_compiled(running, query, seen, candidates, n, global_mean)
+    return fold_items_torch(running, query, seen, candidates, n, global_mean)
+
+
+def fold_items_torch(
+    running: TopN | None,
+    query: QueryBlock,
+    seen: Seen | None,
+    candidates: list[ItemBlock],
+    n: int,
+    global_mean: float,
+) -> TopN:
+    """:func:`fold_items` in torch on any device: a top-k per item block merged by a sort.
+
+    The GPU's path, and the CPU's where a vector is not finite (NaN scores
+    reach the writer, which refuses them).
     """
     device = query.vectors.device
     users = len(query)
@@ -309,6 +329,69 @@ def fold_items(
         )
         best_scores, best_tie, best_rows = (tensor[:, :n] for tensor in merged)
     return TopN(best_scores.cpu().numpy(), best_rows.cpu().numpy(), best_tie.cpu().numpy())
+
+
+def _finite(query: QueryBlock, candidates: list[ItemBlock]) -> bool:
+    """Whether every vector and bias is finite (the compiled merge skips NaN; the writer reports them)."""
+    tensors = [query.vectors, query.bias, *(c.vectors for c in candidates), *(c.bias for c in candidates)]
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def fold_items_compiled(
+    running: TopN | None,
+    query: QueryBlock,
+    seen: Seen | None,
+    candidates: list[ItemBlock],
+    n: int,
+    global_mean: float,
+) -> TopN:
+    """:func:`fold_items` on the CPU: scores tile by tile, merged into per-user heaps by a compiled loop.
+
+    The same result as the torch path (:func:`mf_dist.ranking.top_n.merge_scores` is exact
+    with the same tie rule), without a users × block score matrix or a sort per item block.
+    """
+    from mf_dist.ranking.top_n import merge_scores
+
+    users = len(query)
+    if running is None:
+        best_scores = np.full((users, n), -np.inf, np.float32)
+        best_rows = np.full((users, n), -1, np.int64)
+        best_tie = np.full((users, n), NO_ITEM, np.int64)
+    else:
+        # Copies: the running top-N arrives from another task, possibly in a read-only buffer.
+        best_scores, best_rows, best_tie = (np.array(part) for part in running)
+    vectors = torch.cat([candidate.vectors for candidate in candidates])
+    bias = torch.cat([candidate.bias for candidate in candidates])
+    tie = torch.cat([candidate.tie for candidate in candidates]).numpy()
+    rows = torch.cat([candidate.rows for candidate in candidates]).numpy()
+    seen_start = np.zeros(users + 1, np.int64)
+    seen_columns = np.zeros(0, np.int64)
+    if seen is not None and len(seen.items):
+        positions, columns, first_column = [], [], 0
+        for candidate in candidates:
+            inside = (seen.items >= candidate.offset) & (seen.items < candidate.offset + len(candidate))
+            positions.append(seen.positions[inside])
+            local = candidate.column_of.numpy()[seen.items[inside] - candidate.offset]
+            columns.append(first_column + local)
+            first_column += len(candidate)
+        position, column = np.concatenate(positions), np.concatenate(columns)
+        order = np.lexsort((column, position))
+        seen_columns = column[order].astype(np.int64)
+        seen_start[1:] = np.cumsum(np.bincount(position, minlength=users))
+    merge_scores(
+        query.vectors,
+        query.bias + global_mean,
+        vectors,
+        bias,
+        tie,
+        rows,
+        seen_start,
+        seen_columns,
+        best_scores,
+        best_rows,
+        best_tie,
+    )
+    return TopN(best_scores, best_rows, best_tie)
 
 
 def write_recommendations_part(

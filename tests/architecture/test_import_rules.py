@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "mf_dist.models": 1,
     "mf_dist.solvers": 1,
     "mf_dist.counting": 1,
+    "mf_dist.ranking": 1,
     "mf_dist.storage": 2,
     "mf_dist.runtime": 2,
     "mf_dist.terminal": 2,
@@ -40,7 +41,7 @@ LAYERS: dict[str, int] = {
     "mf_dist.config_flags": 7,
     "mf_dist": 7,
 }
-MATH = ("mf_dist.blocks", "mf_dist.models", "mf_dist.solvers", "mf_dist.counting")
+MATH = ("mf_dist.blocks", "mf_dist.models", "mf_dist.solvers", "mf_dist.counting", "mf_dist.ranking")
 # What the math layer may not touch: clusters and files.
 NOT_IN_MATH = ("dask", "distributed", "pyarrow", "pandas", "prefect", "fsspec")
 

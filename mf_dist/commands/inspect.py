@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
@@ -200,18 +202,79 @@ def parse_item_id(text: str, id_type: pa.DataType) -> object:
     return text
 
 
-def similar(
-    path: Annotated[
-        Path, typer.Argument(help="Output directory, or the neighbors table or one of its runs.")
-    ],
-    item_id: Annotated[str, typer.Argument(help="The item's original id.")],
-    top: Annotated[int, typer.Option(help="Show at most this many neighbours.")] = 20,
-) -> None:
-    """Print an item's most similar items from the neighbors table."""
-    run_dir = neighbors_run_dir(path)
+SimilarSource = Literal["auto", "ann", "neighbors", "exact"]
+
+
+@dataclass(frozen=True)
+class SimilarItems:
+    """An item's most similar items, best first, and where the answer came from (for the heading)."""
+
+    ids: list[Any]
+    scores: list[float]
+    how: str
+
+
+def output_root(path: Path) -> Path:
+    """The output directory of ``path``: itself, or the output above a table or run directory."""
+    if any((path / table / LATEST_FILE).is_file() for table in ("items", "neighbors", "ann")):
+        return path
+    run_dir = resolve_run_dir(path)
+    return run_dir.parents[2] if len(run_dir.parents) >= 3 else path
+
+
+def current_ann_run(output: Path) -> Path | None:
+    """The current ANN run of ``output`` if it indexes the current ``items`` run (a stale one is ignored)."""
+    if not (output / "ann" / LATEST_FILE).is_file() or not (output / "items" / LATEST_FILE).is_file():
+        return None
+    run_dir = resolve_run_dir(output / "ann")
+    items_run = resolve_run_dir(output / "items").name
+    return run_dir if read_manifest(run_dir)["source"]["run_id"] == items_run else None
+
+
+def _position(ids: list[Any], wanted: object, where: Path | str) -> int:
+    try:
+        return ids.index(wanted)
+    except ValueError:
+        raise NotFoundError(f"item {str(wanted)!r} is not in {where} ({len(ids):,} items)") from None
+
+
+def similar_by_ann(run_dir: Path, wanted: object, top: int) -> SimilarItems:
+    """The index's nearest items by inner product with the item's own embedding (approximate).
+
+    With biases the index holds ``[embedding, bias]``; the query is
+    ``[embedding, 0]``, so the score is the plain dot product of the embeddings.
+    """
+    from mf_dist.stages.ann import load_index
+    from mf_dist.storage.reader import read_embeddings
+
+    index, manifest = load_index(run_dir)
+    # The indexed items run, beside the index (the manifest's absolute path may have moved).
+    items = read_embeddings(run_dir.parents[2] / "items" / "runs" / manifest["source"]["run_id"], "items")
+    ids = pq.read_table(run_dir / "items.parquet")["item_id"].to_pylist()
+    position = _position(ids, wanted, run_dir)
+    query = items.vectors[position]
+    if items.bias is not None:
+        query = np.concatenate([query, np.zeros(1, np.float32)])
+    query = np.ascontiguousarray(query[None, :], dtype=np.float32)
+    wanted_count = min(top + 1, len(ids))
+    if manifest["kind"] == "faiss":
+        scores, found = index.search(query, wanted_count)
+        pairs = list(zip(found[0].tolist(), scores[0].tolist(), strict=True))
+    else:
+        found, distances = index.knn_query(query, k=wanted_count)
+        # hnswlib's "ip" space returns 1 − inner product.
+        pairs = [(int(row), 1.0 - float(d)) for row, d in zip(found[0], distances[0], strict=True)]
+    kept = [(row, score) for row, score in pairs if row != position and row >= 0][:top]
+    return SimilarItems(
+        [ids[row] for row, _ in kept],
+        [score for _, score in kept],
+        f"inner product, approximate (ann run {manifest['run_id']}, {manifest['kind']})",
+    )
+
+
+def similar_by_neighbors(run_dir: Path, wanted: object, top: int) -> SimilarItems:
+    """The item's rows of the neighbors table."""
     manifest = read_manifest(run_dir)
-    id_type = pa.type_for_alias(manifest["id_type"])
-    wanted = parse_item_id(item_id, id_type)
     try:
         rows = pa.concat_tables(
             pq.read_table(run_dir / entry["name"], filters=[("item_id", "==", wanted)])
@@ -220,21 +283,105 @@ def similar(
     except (OSError, pa.ArrowInvalid) as exc:
         raise OutputError(f"{run_dir}: cannot read the neighbors table: {exc}") from exc
     if rows.num_rows == 0:
-        raise NotFoundError(f"item {item_id!r} is not in {run_dir} ({manifest['row_count']:,} rows)")
-    console.print(
-        f"items most similar to [bold]{item_id}[/] by {manifest['metric']} "
-        f"(neighbors run {manifest['run_id']})",
-        highlight=False,
+        raise NotFoundError(f"item {str(wanted)!r} is not in {run_dir} ({manifest['row_count']:,} rows)")
+    return SimilarItems(
+        rows["neighbor_id"].to_pylist()[:top],
+        rows["score"].to_pylist()[:top],
+        f"{manifest['metric']} (neighbors run {manifest['run_id']})",
     )
+
+
+def similar_by_exact_cosine(output: Path, wanted: object, top: int) -> SimilarItems:
+    """Cosine against every item of the current ``items`` run (a zero vector scores 0); ties by row."""
+    from mf_dist.storage.reader import read_embeddings
+
+    items = read_embeddings(output, "items")
+    ids = items.ids.tolist()
+    position = _position(ids, wanted, items.path)
+    vectors = items.vectors.astype(np.float64)
+    norms = np.linalg.norm(vectors, axis=1)
+    normalised = vectors / np.where(norms > 0, norms, 1.0)[:, None]
+    scores = normalised @ normalised[position]
+    scores[position] = -np.inf
+    order = np.lexsort((np.arange(len(ids)), -scores))[: min(top, len(ids) - 1)]
+    return SimilarItems(
+        [ids[row] for row in order],
+        scores[order].tolist(),
+        f"cosine, exact over the items (items run {items.manifest['run_id']})",
+    )
+
+
+def _ann_searchable(run_dir: Path) -> bool:
+    """Whether the index's library (the ``ann`` extra) is installed here."""
+    import importlib.util
+
+    kind = read_manifest(run_dir)["kind"]
+    return importlib.util.find_spec("faiss" if kind == "faiss" else "hnswlib") is not None
+
+
+def given_neighbors_run(path: Path) -> Path | None:
+    """The neighbors run ``path`` names when it is the neighbors table or one of its runs, else None."""
+    if not ((path / MANIFEST_FILE).is_file() or (path / LATEST_FILE).is_file()):
+        return None
+    run_dir = resolve_run_dir(path)
+    return run_dir if read_manifest(run_dir).get("table") == "neighbors" else None
+
+
+def find_similar(path: Path, item_id: str, top: int, source: SimilarSource = "auto") -> SimilarItems:
+    """An item's most similar items from the best source there is.
+
+    ``auto``: the ANN index when the output has one of its current ``items``
+    run (and its library is installed), else the neighbors table, else exact
+    cosine over the items table. ``path`` may also name the neighbors table
+    or one of its runs, which is then what answers.
+    """
+    given = given_neighbors_run(path)
+    if given is not None and source in ("auto", "neighbors"):
+        return similar_by_neighbors(given, _wanted(given, item_id), top)
+    output = output_root(path)
+    if source in ("auto", "ann"):
+        ann_run = current_ann_run(output)
+        if ann_run is not None and (source == "ann" or _ann_searchable(ann_run)):
+            indexed = output / "items" / "runs" / read_manifest(ann_run)["source"]["run_id"]
+            return similar_by_ann(ann_run, _wanted(indexed, item_id), top)
+        if source == "ann":
+            raise NotFoundError(
+                f"no ANN index of the current items run in {output}; build it with: mf-dist ann {output}"
+            )
+    if source == "neighbors" or (source == "auto" and (output / "neighbors" / LATEST_FILE).is_file()):
+        run_dir = neighbors_run_dir(output)
+        return similar_by_neighbors(run_dir, _wanted(run_dir, item_id), top)
+    items_run = resolve_run_dir(output / "items" if (output / "items").is_dir() else output, "items")
+    return similar_by_exact_cosine(output, _wanted(items_run, item_id), top)
+
+
+def _wanted(run_dir: Path, item_id: str) -> object:
+    """``item_id`` parsed as the id type of ``run_dir`` (an items or neighbors run)."""
+    manifest = read_manifest(run_dir)
+    return parse_item_id(item_id, pa.type_for_alias(manifest["id_type"]))
+
+
+def similar(
+    path: Annotated[
+        Path, typer.Argument(help="Output directory, or the neighbors table or one of its runs.")
+    ],
+    item_id: Annotated[str, typer.Argument(help="The item's original id.")],
+    top: Annotated[int, typer.Option(help="Show at most this many neighbours.")] = 20,
+    source: Annotated[
+        SimilarSource,
+        typer.Option(
+            help="auto: the ANN index if there is one, else the neighbors table, else exact cosine "
+            "over the items; or one of ann, neighbors, exact."
+        ),
+    ] = "auto",
+) -> None:
+    """Print an item's most similar items: from the ANN index, the neighbors table or the items themselves."""
+    found = find_similar(path, item_id, top, source)
+    console.print(f"items most similar to [bold]{item_id}[/] by {found.how}", highlight=False)
     table = Table()
     table.add_column("rank", justify="right")
     table.add_column("item_id")
     table.add_column("score", justify="right")
-    for rank, neighbor, score in zip(
-        rows["rank"].to_pylist()[:top],
-        rows["neighbor_id"].to_pylist()[:top],
-        rows["score"].to_pylist()[:top],
-        strict=True,
-    ):
+    for rank, (neighbor, score) in enumerate(zip(found.ids, found.scores, strict=True), start=1):
         table.add_row(str(rank), str(neighbor), f"{score:.4f}")
     console.print(table)

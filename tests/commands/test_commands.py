@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import sys
@@ -124,13 +125,72 @@ def test_errors_are_one_line_with_exit_status_2(client, published, monkeypatch, 
     assert len(lines) == 1 and lines[0].startswith(message.format(**values)), lines
 
 
-def test_similar_without_a_neighbors_table_says_how_to_make_one(published, monkeypatch, capsys):
+def _shown(result) -> list[tuple[str, float]]:
+    rows = re.findall(r"│\s*(\d+)\s*│\s*(\S+)\s*│\s*([-\d.]+)\s*│", result.output)
+    assert [int(rank) for rank, _, _ in rows] == list(range(1, len(rows) + 1))
+    return [(item, float(score)) for _, item, score in rows]
+
+
+def test_similar_without_neighbors_or_index_is_exact_cosine_over_the_items(published, wide_consoles):
+    output, ids, vectors, run_id = published
+    normalised = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = normalised @ normalised[3]
+    scores[3] = -np.inf
+    expected = np.argsort(-scores, kind="stable")[:4]
+    for path in (output, output / "items"):
+        result = invoke("similar", str(path), str(ids[3]), "--top", "4")
+        assert result.exit_code == 0, result.output
+        assert f"cosine, exact over the items (items run {run_id})" in result.output
+        shown = _shown(result)
+        assert [item for item, _ in shown] == [str(ids[row]) for row in expected]
+        np.testing.assert_allclose([score for _, score in shown], scores[expected], atol=1e-4)
+
+
+def test_similar_asked_for_a_missing_neighbors_table_says_how_to_make_one(published, monkeypatch, capsys):
     output = published[0]
-    monkeypatch.setattr(sys, "argv", ["mf-dist", "similar", str(output / "items"), "100"])
+    monkeypatch.setattr(
+        sys, "argv", ["mf-dist", "similar", str(output / "items"), "100", "--source", "neighbors"]
+    )
     monkeypatch.setattr(cli, "errors", Console(stderr=True, width=500))
     with pytest.raises(SystemExit):
         cli.main()
     assert f"compute it with: mf-dist neighbors {output}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kind", "module"), [("faiss", "faiss"), ("hnsw", "hnswlib")])
+def test_similar_uses_the_ann_index_before_the_neighbors_table(
+    client, published, wide_consoles, kind, module
+):
+    """The index answers by inner product (exact at 12 items); --source picks another; stale: skipped."""
+    pytest.importorskip(module)
+    from mf_dist.stages.ann import build_ann
+
+    output, ids, vectors, _ = published
+    invoke("neighbors", str(output), "-k", "3", "--scheduler", client.scheduler.address, "--quiet")
+    built = build_ann(client, output, kind)
+    dots = vectors @ vectors[5]
+    dots[5] = -np.inf
+    expected = np.argsort(-dots, kind="stable")[:5]
+
+    result = invoke("similar", str(output), str(ids[5]), "--top", "5")
+    assert result.exit_code == 0, result.output
+    assert f"inner product, approximate (ann run {built.run_id}, {kind})" in result.output
+    shown = _shown(result)
+    assert [item for item, _ in shown] == [str(ids[row]) for row in expected]
+    np.testing.assert_allclose([score for _, score in shown], dots[expected], atol=1e-4)
+
+    from_table = invoke("similar", str(output), str(ids[5]), "--source", "neighbors")
+    assert "cosine (neighbors run" in from_table.output and len(_shown(from_table)) == 3
+    exact = invoke("similar", str(output), str(ids[5]), "--source", "exact")
+    assert "cosine, exact over the items" in exact.output
+
+    # An index of another items run than the current one is not used.
+    manifest_path = output / "ann" / "runs" / built.run_id / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["source"]["run_id"] = "another-run"
+    manifest_path.write_text(json.dumps(manifest))
+    stale = invoke("similar", str(output), str(ids[5]))
+    assert "cosine (neighbors run" in stale.output
 
 
 def test_text_chart_falls_with_the_loss():

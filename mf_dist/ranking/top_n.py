@@ -19,6 +19,12 @@ from types import ModuleType
 import numpy as np
 import torch
 
+EMPTY = np.iinfo(np.int64).min
+LOW_BITS = 0xFFFFFFFF
+NO_TIE = np.iinfo(np.int64).max
+MAX_TIE = LOW_BITS - 1
+"""Tie keys must be below this (they are packed in 32 bits): four billion items."""
+
 # Users × items per tile: 512 × 2048 float32 scores are 4 MiB (measured fastest of 64 … 4096
 # users × 1024 … all items at ML-20M's shape on the 2-core development machine).
 TILE_USERS = 512
@@ -58,20 +64,23 @@ def merge_scores(
     running top-N, best first (−inf, −1 and int64 max in empty slots), and are
     updated in place, best first. Seen items and −inf scores are never kept.
     Scores must not be NaN: give finite vectors (NaN entries are skipped).
+    Tie keys must be at most :data:`MAX_TIE`.
     """
     kernels = _kernels()
-    kernels.heapify_rows(best_scores, best_rows, best_tie)
+    keys = pack_keys(best_scores, best_tie)
+    rows = best_rows.copy()
+    kernels.heapify_rows(keys, rows)
     items_t = items.T
     for first_user in range(0, len(users), TILE_USERS):
         last_user = min(first_user + TILE_USERS, len(users))
-        rows = slice(first_user, last_user)
+        block = slice(first_user, last_user)
         cursor = seen_start[first_user:last_user].copy()
         starts = seen_start[first_user : last_user + 1]
         for first_item in range(0, items.shape[0], TILE_ITEMS):
             last_item = min(first_item + TILE_ITEMS, items.shape[0])
-            scores = users[rows] @ items_t[:, first_item:last_item]
+            scores = users[block] @ items_t[:, first_item:last_item]
             scores += item_terms[first_item:last_item][None, :]
-            scores += user_terms[rows][:, None]
+            scores += user_terms[block][:, None]
             kernels.merge_tile(
                 scores.numpy(),
                 first_item,
@@ -80,11 +89,33 @@ def merge_scores(
                 cursor,
                 tie,
                 item_rows,
-                best_scores[rows],
-                best_rows[rows],
-                best_tie[rows],
+                keys[block],
+                rows[block],
             )
-    kernels.sort_rows(best_scores, best_rows, best_tie)
+    # Best first: descending keys.
+    order = np.argsort(keys, axis=1)[:, ::-1]
+    keys = np.take_along_axis(keys, order, axis=1)
+    best_rows[:] = np.take_along_axis(rows, order, axis=1)
+    best_scores[:], best_tie[:] = unpack_keys(keys)
+    best_rows[keys == EMPTY] = -1
+
+
+def pack_keys(scores: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """(r, N) int64 keys of (score, tie) entries (see :mod:`mf_dist.ranking.top_n_loop`); −inf: empty."""
+    bits = scores.astype(np.float32).view(np.int32).astype(np.int64)
+    ordered = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    keys = (ordered << 32) | (LOW_BITS - np.where(np.isneginf(scores), LOW_BITS, tie))
+    return np.where(np.isneginf(scores), EMPTY, keys)
+
+
+def unpack_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores float32, tie int64) of packed keys; empty slots: −inf and int64 max."""
+    high = keys >> 32
+    bits = np.where(high >= 0, high, high ^ 0x7FFFFFFF).astype(np.int32)
+    empty = keys == EMPTY
+    scores = np.where(empty, -np.inf, bits.view(np.float32)).astype(np.float32)
+    tie = np.where(empty, NO_TIE, LOW_BITS - (keys & LOW_BITS))
+    return scores, tie
 
 
 def warm_up() -> None:

@@ -282,7 +282,7 @@ def fold_items(
     tile by tile (:func:`fold_items_compiled`), elsewhere torch
     (:func:`fold_items_torch`); both give the same top-N.
     """
-    if query.vectors.device.type == "cpu" and _finite(query, candidates):
+    if query.vectors.device.type == "cpu" and _compiled_merge_applies(query, candidates):
         return fold_items_compiled(running, query, seen, candidates, n, global_mean)
     return fold_items_torch(running, query, seen, candidates, n, global_mean)
 
@@ -331,10 +331,14 @@ def fold_items_torch(
     return TopN(best_scores.cpu().numpy(), best_rows.cpu().numpy(), best_tie.cpu().numpy())
 
 
-def _finite(query: QueryBlock, candidates: list[ItemBlock]) -> bool:
-    """Whether every vector and bias is finite (the compiled merge skips NaN; the writer reports them)."""
+def _compiled_merge_applies(query: QueryBlock, candidates: list[ItemBlock]) -> bool:
+    """Whether every vector and bias is finite (the compiled merge skips NaN scores, which the writer
+    must see to refuse them) and the tie keys fit its 32 bits."""
+    from mf_dist.ranking.top_n import MAX_TIE
+
     tensors = [query.vectors, query.bias, *(c.vectors for c in candidates), *(c.bias for c in candidates)]
-    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+    finite = all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+    return finite and all(int(c.tie.max()) <= MAX_TIE for c in candidates if len(c))
 
 
 def fold_items_compiled(

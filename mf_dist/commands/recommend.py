@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
 from mf_dist.commands.options import DeviceOption, QuietOption, SchedulerOption, WorkersOption
-from mf_dist.errors import ConfigError
+from mf_dist.errors import ConfigError, InputError
 from mf_dist.runtime.cluster_settings import default_worker_count
 from mf_dist.terminal.progress import count_progress
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 console = Console()
 
@@ -41,6 +44,41 @@ def read_user_ids(path: Path) -> list[Any]:
         return lines
 
 
+def read_training_ratings(path: Path, config: dict[str, Any], like_rule: bool) -> pd.DataFrame:
+    """The run's training ratings from ``path`` (Parquet file, directory or glob) as ``user_id``,
+    ``item_id`` and (when present) ``rating`` columns, read by the run config's column names.
+
+    Only the columns the seen filter needs are read. Raises :class:`InputError`
+    naming the file and the column when one is missing.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from mf_dist.storage.input_files import list_input_files
+
+    names = {
+        config.get("user_col") or "user_id": "user_id",
+        config.get("item_col") or "item_id": "item_id",
+    }
+    rating = config.get("rating_col") or "rating"
+    frames = []
+    for file in list_input_files(str(path)):
+        try:
+            present = pq.read_schema(file).names
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the training ratings: {exc}", file=file) from exc
+        for column in names:
+            if column not in present:
+                raise InputError(
+                    f"no such column among {', '.join(present)} (the run's input columns)",
+                    file=file,
+                    column=column,
+                )
+        wanted = [*names, *([rating] if like_rule and rating in present else [])]
+        frames.append(pq.read_table(file, columns=wanted).to_pandas())
+    return pd.concat(frames, ignore_index=True).rename(columns={**names, rating: "rating"})
+
+
 def recommend(
     path: Annotated[Path, typer.Argument(help="Output directory of a run with users and items tables.")],
     n: Annotated[int, typer.Option("--n", "-n", help="Items per user.")] = 10,
@@ -54,6 +92,14 @@ def recommend(
     work_dir: Annotated[
         Optional[Path],
         typer.Option(help="The run's work directory, where seen items are read (default: the run's own)."),
+    ] = None,
+    input: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--input",
+            help="Read seen items from these training ratings (Parquet file, directory or glob, the "
+            "run's input columns) instead of the work directory.",
+        ),
     ] = None,
     run: Annotated[Optional[str], typer.Option(help="Run id (default: the current users run).")] = None,
     output: Annotated[
@@ -69,8 +115,11 @@ def recommend(
 
     Seen items come from the run's work directory (its ingest output): the
     run's own (config work_dir, else <output>/_work) unless --work-dir says
-    otherwise; without it, give --keep-seen.
+    otherwise; where it is gone, give the training ratings (--input) or --keep-seen.
     """
+    if input is not None and (work_dir is not None or keep_seen):
+        raise ConfigError("--input gives the seen items: leave out --work-dir and --keep-seen")
+    from mf_dist.registry import model_spec
     from mf_dist.runtime.cluster import open_client
     from mf_dist.stages.recommend import recommend_items
     from mf_dist.storage.output_lock import exclusive_directory
@@ -78,8 +127,13 @@ def recommend(
 
     started = time.perf_counter()
     users_run = resolve_run_dir(path / "users" / "runs" / run if run else path, "users")
-    if work_dir is None and not keep_seen:
-        config = read_manifest(users_run).get("config") or {}
+    users_manifest = read_manifest(users_run)
+    config = users_manifest.get("config") or {}
+    seen_ratings = None
+    if input is not None:
+        like_rule = model_spec(users_manifest["model"]).seen_items == "liked"
+        seen_ratings = read_training_ratings(input, config, like_rule)
+    elif work_dir is None and not keep_seen:
         work_dir = Path(config["work_dir"]) if config.get("work_dir") else users_run.parents[2] / "_work"
     wanted = read_user_ids(users) if users is not None else None
     target = output if output is not None else path
@@ -100,6 +154,7 @@ def recommend(
             block_size=block_size,
             device=device,
             on_block=on_block,
+            seen_ratings=seen_ratings,
         )
     console.print(
         f"recommendations: {result.users:,} users × top {result.n} "

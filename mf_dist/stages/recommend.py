@@ -492,6 +492,12 @@ def _given_seen_rows(
 
 def _seen_of_block(given: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> Seen:
     users, items = given
+    # ``users`` is sorted: only its slice between the block's first and last row can match.
+    first, last = (
+        np.searchsorted(users, [rows[0], rows[-1]], side="left")[0],
+        np.searchsorted(users, rows[-1], side="right"),
+    )
+    users, items = users[first:last], items[first:last]
     inside = np.isin(users, rows)
     return Seen(np.searchsorted(rows, users[inside]).astype(np.int64), items[inside])
 

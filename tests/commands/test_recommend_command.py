@@ -93,3 +93,59 @@ def test_recommend_without_the_work_dir_asks_for_keep_seen(client, run, tmp_path
             client.scheduler.address,
             "-q",
         )
+
+
+def _training_ratings(run, path, user_column="user_id") -> None:
+    """The run's training ratings as a user would have them: original ids, the run's input columns."""
+    frame = pd.DataFrame(
+        {
+            user_column: [run.user_ids[u] for u in run.ratings.user],
+            "item_id": [run.item_ids[i] for i in run.ratings.item],
+            "rating": run.ratings.rating.to_numpy(np.float32),
+        }
+    )
+    path.mkdir()
+    half = len(frame) // 2
+    frame.iloc[:half].to_parquet(path / "part-0.parquet")
+    frame.iloc[half:].to_parquet(path / "part-1.parquet")
+
+
+def test_recommend_reads_seen_items_from_the_training_ratings_without_the_work_dir(client, run, tmp_path):
+    import shutil
+
+    shutil.rmtree(run.work_dir)
+    _training_ratings(run, tmp_path / "training")
+    result = invoke(
+        "recommend",
+        str(tmp_path / "out"),
+        "-n",
+        "4",
+        "--input",
+        str(tmp_path / "training"),
+        "--scheduler",
+        client.scheduler.address,
+        "-q",
+    )
+
+    assert result.exit_code == 0, result.output
+    table, manifest, _ = read_published(tmp_path / "out", "recommendations")
+    expected = brute_force_recommendations(run, 4, seen=run.ratings)
+    assert table.to_pandas()[["user_id", "item_id"]].equals(expected[["user_id", "item_id"]])
+    assert manifest["seen"] == "liked" and manifest["source"]["seen_ratings"] == "given"
+
+
+def test_recommend_input_without_the_runs_columns_is_one_line_error(
+    client, run, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    _training_ratings(run, tmp_path / "training", user_column="customer")
+    argv = ["mf-dist", "recommend", str(tmp_path / "out"), "--input", str(tmp_path / "training")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--scheduler", client.scheduler.address, "-q"])
+    monkeypatch.setattr(cli, "errors", Console(stderr=True, width=500))
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main()
+    assert exit_status.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert "part-0.parquet, column 'user_id': no such column among customer, item_id, rating" in lines[0]

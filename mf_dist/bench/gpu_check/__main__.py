@@ -9,8 +9,8 @@ left (the rest are reported as skipped):
 4. ``parity``: every model × solver on the device against the CPU, same seed.
 5. ``memory-bound``: a factor table larger than the GPU memory the worker is allowed, trained.
 6. ``data``: the ml20m set generated (and cached for the suites), timed.
-7. ``implicit-als``, ``gradient``, ``cooccurrence``: bench suites, each at the largest scale
-   whose estimate fits, ours on the device beside the CPU reference.
+7. ``implicit-als``, ``gradient``, ``cooccurrence``, ``recommend`` (all users' top 100): bench
+   suites, each at the largest scale whose estimate fits, ours on the device beside the CPU reference.
 
 A dry run (``--dry-run``, or no CUDA) runs the same steps with the CPU as the device, at the
 tiny scale, so a broken step shows before a GPU is at hand.
@@ -48,6 +48,8 @@ ESTIMATES = {
         "implicit-als": {"tiny": 45, "small": 60, "ml20m": 120},
         "cooccurrence": {"tiny": 30, "small": 40, "ml20m": 75},
         "gradient": {"tiny": 45, "small": 60, "ml20m": 150},
+        # ml20m: ingesting 20 M ratings for the seen filter is most of it.
+        "recommend": {"tiny": 30, "small": 45, "ml20m": 120},
     },
     "dry": {
         "wheelhouse": 1,
@@ -59,6 +61,7 @@ ESTIMATES = {
         "implicit-als": {"tiny": 120},
         "cooccurrence": {"tiny": 90},
         "gradient": {"tiny": 120},
+        "recommend": {"tiny": 60},
     },
 }
 
@@ -69,7 +72,9 @@ def estimate(mode: str, name: str, scale: str | None = None) -> float:
 
 
 SCALED_STEPS = ("data", "implicit-als", "gradient", "cooccurrence")
-"""The steps that pick a scale, in the order they run."""
+"""The steps that pick a scale, in the order they run, each leaving the later ones their smallest run.
+
+``recommend`` also picks one, after them, from what they leave: nothing is held back for it."""
 
 
 def scale_chooser(mode: str, name: str, key: str) -> Callable[[dict, float], str | None]:
@@ -167,6 +172,10 @@ def build_steps(
         "cooccurrence", "suite", "--suite", "cooccurrence", scale_key="scale:cooccurrence", on="cpu"
     )
     cooccurrence.env = {"CUDA_VISIBLE_DEVICES": ""}
+    recommend = child(
+        "recommend", "suite", "--suite", "recommend", "--variant", '{"n": 100}', scale_key="scale:recommend"
+    )
+    recommend.env = {"MF_DIST_BENCH_REFERENCE_THREADS": cores}
     data = child("data", "data", scale_key="scale:data")
     data.env = {"CUDA_VISIBLE_DEVICES": ""}
     return [
@@ -180,6 +189,8 @@ def build_steps(
         implicit_als,
         child("gradient", "gradient", scale_key="scale:gradient"),
         cooccurrence,
+        # Last, on the time the others leave (not in SCALED_STEPS): their figures come first.
+        recommend,
     ]
 
 

@@ -126,7 +126,7 @@ def markdown(doc: dict) -> str:
             ],
         )
 
-    suites = [row for name in ("implicit-als", "cooccurrence") for row in _rows(doc, name)]
+    suites = [row for name in ("implicit-als", "cooccurrence", "recommend") for row in _rows(doc, name)]
     if suites:
         lines += ["", "## Benchmark suites: ours against the CPU reference, in the same run", ""]
         lines += _table(

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Fewer users than this per thread are solved on one: a thread's start costs more than it saves.
+MIN_USERS_PER_THREAD = 256
+
 
 @dataclass(frozen=True)
 class FoldedUsers:
@@ -104,16 +107,38 @@ def fold_in(
     order = np.lexsort((positions, codes))
     values = frame[rating_col].to_numpy(np.float64) if has_rating else np.ones(len(frame))
     hyperparameters: dict[str, Any] = manifest.get("hyperparameters") or {}
-    vectors, bias = spec.fold_in_function()(
-        torch.from_numpy(codes[order].astype(np.int64)),
-        torch.from_numpy(positions[order].astype(np.int64)),
-        torch.from_numpy(values[order]),
-        len(user_ids),
-        torch.from_numpy(table.vectors).double(),
-        None if table.bias is None else torch.from_numpy(table.bias).double(),
-        float(manifest.get("global_mean") or 0.0),
-        hyperparameters,
-    )
+    solve = spec.fold_in_function()
+    item_vectors = torch.from_numpy(table.vectors).double()
+    item_bias = None if table.bias is None else torch.from_numpy(table.bias).double()
+    rows, cols, values = codes[order].astype(np.int64), positions[order].astype(np.int64), values[order]
+
+    def solve_users(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Users ``first .. last`` (codes), whose entries are a slice: ``rows`` is sorted."""
+        start, stop = np.searchsorted(rows, [first, last])
+        return solve(
+            torch.from_numpy(rows[start:stop] - first),
+            torch.from_numpy(cols[start:stop]),
+            torch.from_numpy(values[start:stop]),
+            last - first,
+            item_vectors,
+            item_bias,
+            float(manifest.get("global_mean") or 0.0),
+            hyperparameters,
+        )
+
+    # The row solves are independent and the compiled loop releases the GIL: one contiguous
+    # share of the users per torch thread.
+    threads = max(1, min(torch.get_num_threads(), len(user_ids) // MIN_USERS_PER_THREAD))
+    bounds = np.linspace(0, len(user_ids), threads + 1).astype(int)
+    if threads == 1:
+        parts = [solve_users(0, len(user_ids))]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(solve_users, bounds[:-1], bounds[1:]))
+    vectors = torch.cat([part[0] for part in parts])
+    bias = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
     return FoldedUsers(
         ids=np.asarray(user_ids),
         vectors=vectors.float().numpy(),

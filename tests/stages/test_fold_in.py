@@ -163,3 +163,35 @@ def test_models_without_fold_in_and_bad_frames_are_refused(client, tmp_path):
         fold_in(tmp_path / "out", pd.DataFrame({"user_id": [1], "item_id": [1]}))
     with pytest.raises(InputError, match="duplicate"):
         fold_in(tmp_path / "out", pd.DataFrame({"user_id": [1, 1], "item_id": [4, 4], "rating": [1.0, 2.0]}))
+
+
+@pytest.mark.parametrize(("model", "extra"), [("implicit", {}), ("explicit", {"with_bias": True})])
+def test_users_solved_on_several_threads_equal_one_thread(client, tmp_path, monkeypatch, model, extra):
+    """The users are cut into one share per torch thread: the same vectors (and biases) as on one."""
+    from mf_dist.stages import fold_in as fold_in_module
+
+    rng = np.random.default_rng(3)
+    bias = {}
+    if extra:
+        bias = {
+            "user_bias": rng.normal(size=2).astype(np.float32),
+            "item_bias": rng.normal(size=N_ITEMS).astype(np.float32),
+            "global_mean": 3.0,
+        }
+    _, item_ids = publish(
+        client, tmp_path, rng, model, hyperparameters={"regularization": 0.1, "alpha": 2.0}, **bias
+    )
+    frame = new_ratings(rng, item_ids, users=[f"u{i:02d}" for i in range(23)], per_user=6)
+    monkeypatch.setattr(fold_in_module, "MIN_USERS_PER_THREAD", 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = fold_in(tmp_path / "out", frame)
+        torch.set_num_threads(3)
+        shared = fold_in(tmp_path / "out", frame)
+    finally:
+        torch.set_num_threads(threads)
+    assert shared.ids.tolist() == alone.ids.tolist() == sorted(frame.user_id.unique())
+    np.testing.assert_array_equal(shared.vectors, alone.vectors)
+    if extra:
+        np.testing.assert_array_equal(shared.bias, alone.bias)

@@ -67,12 +67,18 @@ def merge_scores(
     Tie keys must be at most :data:`MAX_TIE`.
     """
     kernels = _kernels()
-    keys = pack_keys(best_scores, best_tie)
-    rows = best_rows.copy()
-    kernels.heapify_rows(keys, rows)
+    users_count, n = best_scores.shape
+    # Room for N more per row; the first N hold the running top-N (empty slots: the smallest key).
+    keys = np.full((users_count, 2 * n), EMPTY, np.int64)
+    rows = np.full((users_count, 2 * n), -1, np.int64)
+    keys[:, :n] = pack_keys(best_scores, best_tie)
+    rows[:, :n] = best_rows
+    counts = np.full(users_count, n, np.int64)
+    # Below the smallest running key nothing can enter (EMPTY while a slot is empty).
+    thresholds = keys[:, :n].min(axis=1)
     items_t = items.T
-    for first_user in range(0, len(users), TILE_USERS):
-        last_user = min(first_user + TILE_USERS, len(users))
+    for first_user in range(0, users_count, TILE_USERS):
+        last_user = min(first_user + TILE_USERS, users_count)
         block = slice(first_user, last_user)
         cursor = seen_start[first_user:last_user].copy()
         starts = seen_start[first_user : last_user + 1]
@@ -91,7 +97,11 @@ def merge_scores(
                 item_rows,
                 keys[block],
                 rows[block],
+                counts[block],
+                thresholds[block],
             )
+    kernels.finish_rows(keys, rows, counts)
+    keys, rows = keys[:, :n], rows[:, :n]
     # Best first: descending keys.
     order = np.argsort(keys, axis=1)[:, ::-1]
     keys = np.take_along_axis(keys, order, axis=1)

@@ -193,11 +193,17 @@ def id_order_keys(ids: pa.Array) -> np.ndarray:
 def make_query_block(
     parts: list[Vectors], part_offsets: list[int], rows: np.ndarray, device: str
 ) -> QueryBlock:
-    """The users at table ``rows`` (sorted), taken from the part files that hold them."""
-    vectors = np.concatenate([part.vectors for part in parts])
-    bias = np.concatenate([part.bias for part in parts])
-    local = rows - part_offsets[0]
-    return QueryBlock(rows, vectors[local].copy(), bias[local].copy(), device)
+    """The users at table ``rows`` (sorted), taken from the part files that hold them.
+
+    Gathered part by part: concatenating the parts first copied a whole users table per block.
+    """
+    vectors = np.empty((len(rows), parts[0].vectors.shape[1]), np.float32)
+    bias = np.empty(len(rows), np.float32)
+    for part, offset in zip(parts, part_offsets, strict=True):
+        inside = (rows >= offset) & (rows < offset + len(part.vectors))
+        vectors[inside] = part.vectors[rows[inside] - offset]
+        bias[inside] = part.bias[rows[inside] - offset]
+    return QueryBlock(rows, vectors, bias, device)
 
 
 def make_item_block(

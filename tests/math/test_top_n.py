@@ -57,3 +57,25 @@ def test_merge_equals_a_full_sort_across_item_groups(monkeypatch, tile_users, ti
         np.testing.assert_array_equal(best[2][user, :kept], tie[order])
         assert (best[1][user, kept:] == -1).all() and np.isneginf(best[0][user, kept:]).all()
     assert (best[1][-1] == -1).all()
+
+
+def test_select_largest_keeps_the_n_largest_keys_with_their_rows():
+    """Quickselect against a sort, on distinct keys, many equal keys and empty slots."""
+    from mf_dist.ranking.top_n_loop import select_largest
+
+    rng = np.random.default_rng(0)
+    for trial in range(3000):
+        count = int(rng.integers(1, 60))
+        n = int(rng.integers(1, count + 1))
+        if trial % 2:
+            keys = rng.integers(-5, 5, count).astype(np.int64)
+        else:
+            keys = rng.permutation(count).astype(np.int64)
+        if trial % 3 == 0:
+            keys[rng.random(count) < 0.3] = NO_ITEM * -1 - 1
+        rows = np.arange(count, dtype=np.int64)
+        before = keys.copy()
+        smallest = select_largest(keys, rows, count, n)
+        assert sorted(keys[:n].tolist()) == sorted(before.tolist())[-n:]
+        assert smallest == keys[:n].min()
+        np.testing.assert_array_equal(before[rows], keys)

@@ -65,6 +65,9 @@ QUALITY_AGREEMENT = {
     "explicit-als": ("no worse", 0.25),
     # Loss no worse: ours 1.62e6 against 2.40e6 after 5 epochs from another draw (3.79e6 at V = 0).
     "cooccurrence-embedding": ("no worse", 0.5),
+    # The same factors: the same top-100 lists (mean score equal), the same fold-in solve
+    # (mean objective 399.851 on both, float64 against implicit's float32).
+    "recommend": ("equal", 1e-5),
 }
 
 
@@ -104,6 +107,14 @@ def assert_quality_agrees(suite: str, ours: float, reference: float) -> None:
             marks=[
                 pytest.mark.slow,
                 pytest.mark.skipif(not _available("explicit-als"), reason="pyspark or Java 17 missing"),
+            ],
+        ),
+        # Both variants (all users' top 100, fold-in) against implicit: about 45 s here.
+        pytest.param(
+            "recommend",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(not _available("recommend"), reason="implicit is not installed"),
             ],
         ),
         # A whole `mf-dist run` (Prefect flow) in a subprocess: about 40 s here. No reference.
@@ -159,6 +170,14 @@ def test_bench_suite_runs_both_sides_and_writes_json(suite, tmp_path):
         if suite == "cooccurrence-embedding" and "reference" in sides:
             # Both sides learned: below the loss of V = 0.
             assert result["reference"]["quality"] < result["ours"]["details"]["loss_at_zero"]
+        if suite == "recommend" and "fold_in" in result["suite"]:
+            assert result["ours"]["details"]["users"] == result["reference"]["details"]["users"] > 0
+            assert result["reference"]["details"]["max_abs_difference_to_ours"] < 1e-4
+        elif suite == "recommend":
+            details = result["reference"]["details"]
+            assert details["users_different"] == 0
+            assert details["users_identical"] + details["users_equal_up_to_ties"] == SCALES["tiny"].n_users
+            assert result["ours"]["details"]["rows"] == 100 * SCALES["tiny"].n_users
         if suite == "end-to-end":
             # The figure is the published run's, and the run's wall time holds its training time.
             manifest = read_embeddings(tmp_path / "tiny" / "end-to-end-output", "items").manifest

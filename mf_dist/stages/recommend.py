@@ -59,6 +59,7 @@ from mf_dist.storage.ingested import IngestResult, liked_mask, load_ingest_resul
 from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import read_manifest, resolve_run_dir
 from mf_dist.storage.schema import FORMAT_VERSION, recommendations_table_schema
+from mf_dist.storage.store import read_table
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class Seen(NamedTuple):
 
 def load_part(path: str, rank: int) -> Vectors:
     """The embedding (and bias, if any) columns of one part file."""
-    table = pq.read_table(path)
+    table = read_table(path)
     column = table["embedding"].combine_chunks()
     vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, rank)
     if "bias" in table.column_names:
@@ -223,7 +224,7 @@ def load_seen(paths: list[str], rows: np.ndarray, like_threshold: float | None) 
     """
     positions, items = [], []
     for path in paths:
-        table = pq.read_table(path)
+        table = read_table(path)
         user = table["user"].to_numpy()
         item = table["item"].to_numpy()
         rating = table["rating"].to_numpy()

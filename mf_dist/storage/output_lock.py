@@ -212,24 +212,27 @@ def exclusive_run(
 ) -> Iterator[None]:
     """Hold the locks a pipeline run needs: its output, and its work directory when that is elsewhere.
 
-    For an output URL: check its bucket, and lock the (local) work directory only.
+    Each is a lock object on an object store (after checking its bucket), a
+    flocked directory otherwise; a work directory inside the output is
+    covered by the output's lock.
     """
-    if is_remote(output):
-        check_bucket(str(output), storage_options, OutputError)
-        with (
-            exclusive_object_store(str(output), purpose, storage_options),
-            exclusive_directory(work_dir, purpose),
-        ):
-            yield
-        return
-    output = Path(local_path(output))
-    work_dir = Path(work_dir)
-    with exclusive_directory(output, purpose):
-        if work_dir.resolve().is_relative_to(output.resolve()):
-            yield
-            return
-        with exclusive_directory(work_dir, purpose):
-            yield
+    with contextlib.ExitStack() as held:
+        for index, location in enumerate((str(output), str(work_dir))):
+            if index == 1 and _inside(str(work_dir), str(output)):
+                break
+            if is_remote(location):
+                check_bucket(location, storage_options, OutputError)
+                held.enter_context(exclusive_object_store(location, purpose, storage_options))
+            else:
+                held.enter_context(exclusive_directory(Path(local_path(location)), purpose))
+        yield
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """Whether location ``inner`` is ``outer`` or below it (both paths, or both URLs)."""
+    if is_remote(inner) or is_remote(outer):
+        return is_remote(inner) and (inner.rstrip("/") + "/").startswith(outer.rstrip("/") + "/")
+    return Path(inner).resolve().is_relative_to(Path(local_path(outer)).resolve())
 
 
 def remove_debris(output: str | Path) -> list[Path]:

@@ -60,7 +60,7 @@ def s3(client, tiny_ratings, tmp_path_factory):
             yield environment
 
 
-def run(client, input_path: str, output: str, work_dir: Path, **settings: object):
+def run(client, input_path: str, output: str, work_dir: Path | str, **settings: object):
     config = load_config(
         None,
         input=input_path,
@@ -119,6 +119,43 @@ def test_a_run_on_the_object_store_publishes_the_tables_of_a_local_run(
     again = run(client, f"s3://{BUCKET}/ratings/", output, tmp_path / "work-s3")
     assert read_embeddings(output).manifest["run_id"] == again.run_id
     assert read_embeddings(f"{output}/items/runs/{remote.run_id}").manifest["run_id"] == remote.run_id
+
+
+@pytest.mark.parametrize(
+    ("model", "solver"),
+    [
+        # Ratings blocks, factor blocks, optimiser state in the checkpoints.
+        ("explicit", "gradient"),
+        # Co-occurrence tiles (dense and sparse) and the diagonal.
+        pytest.param("cooccurrence", "als", marks=pytest.mark.slow),
+    ],
+)
+def test_input_work_and_output_on_the_store_give_the_tables_of_a_local_run(
+    prefect_server, s3, client, tmp_path, tiny_input, model, solver
+):
+    settings = {"model": model, "solver": solver, "holdout": 0.1, "rank": 3, "block_size": 64}
+    local = run(client, str(tiny_input), str(tmp_path / "out"), tmp_path / "work", **settings)
+    output, work = f"s3://{BUCKET}/all-{model}/out", f"s3://{BUCKET}/all-{model}/work"
+    remote = run(client, f"s3://{BUCKET}/ratings/", output, work, **settings)
+
+    assert remote.final_loss == pytest.approx(local.final_loss, rel=1e-5)
+    assert remote.evaluation == pytest.approx(local.evaluation, rel=1e-5)
+    for table in [table.name for table in local.export.tables]:
+        expected, read = read_embeddings(tmp_path / "out", table), read_embeddings(output, table)
+        assert np.array_equal(read.ids, expected.ids)
+        np.testing.assert_allclose(read.vectors, expected.vectors, rtol=1e-5, atol=1e-6)
+    # Everything intermediate is in the store: stage records, checkpoints, stamps, the loss curve.
+    filesystem, root = resolve(work)
+    assert json.loads(filesystem.cat_file(f"{root}/ingest/summary.json"))["directory"] == f"{work}/ingest"
+    assert filesystem.exists(f"{root}/_stages/train.key")
+    assert filesystem.ls(f"{root}/checkpoints/{model}", detail=False)
+    assert filesystem.exists(f"{root}/reports/loss-{remote.run_id}.png")
+    assert not filesystem.exists(f"{root}/ingest/_staging")
+    if model == "cooccurrence":
+        assert json.loads(filesystem.cat_file(f"{root}/cooccurrence/summary.json"))["tiles"]
+    # A cached second run finds its stages through the stamps in the store.
+    again = run(client, f"s3://{BUCKET}/ratings/", output, work, **settings)
+    assert again.final_loss == remote.final_loss
 
 
 @pytest.mark.parametrize(
@@ -197,8 +234,9 @@ def test_storage_options_come_from_the_config_file_only(tmp_path, tiny_input):
     )
     config = load_config(config_file)
     assert config.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
-    with pytest.raises(ConfigError, match="give a local work_dir"):
-        load_config(None, input=str(tiny_input), output=f"s3://{BUCKET}/out")
+    # Without a work_dir the intermediate data goes under the output, on the store too.
+    config = load_config(None, input=str(tiny_input), output=f"s3://{BUCKET}/out")
+    assert config.work_location == f"s3://{BUCKET}/out/_work"
 
 
 def test_a_second_writer_of_one_output_url_is_refused_until_the_first_has_finished(s3):

@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 from distributed import Client
@@ -48,6 +47,7 @@ from mf_dist.stages.evaluation import holdout_metrics, ranking_block_metrics
 from mf_dist.stages.train import train_factors
 from mf_dist.storage.factor_files import EpochRecord, FactorTable, TrainResult, block_seed, write_factor_block
 from mf_dist.storage.ingested import IngestResult, load_ingest_result
+from mf_dist.storage.store import exists, read_table
 from mf_dist.storage.tiles import load_cooccurrence_result
 from mf_dist.trainers.liked_products import choose_x_products
 
@@ -98,9 +98,9 @@ def liked_matrix(ingest: IngestResult, *, held_out: bool = False) -> sp.csr_matr
     users, items, ratings = [], [], []
     for block in range(ingest.user_grid.n_blocks):
         path = ingest.holdout_path(block) if held_out else ingest.ratings_path(block)
-        if not path.exists():
+        if not exists(path):
             continue
-        table = pq.read_table(path)
+        table = read_table(path)
         users.append(table["user"].to_numpy())
         items.append(table["item"].to_numpy())
         ratings.append(table["rating"].to_numpy())
@@ -531,7 +531,7 @@ def explicit_reference(context: SideContext) -> Timed:
             ingest.holdout_path(b) if held_out else ingest.ratings_path(b)
             for b in range(ingest.user_grid.n_blocks)
         ]
-        tables = [pq.read_table(p, columns=["user", "item", "rating"]) for p in paths if p.exists()]
+        tables = [read_table(p, columns=["user", "item", "rating"]) for p in paths if exists(p)]
         return pd.concat([t.to_pandas() for t in tables], ignore_index=True).astype(
             {"user": "int32", "item": "int32", "rating": "float32"}
         )

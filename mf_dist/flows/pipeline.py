@@ -68,8 +68,8 @@ from mf_dist.storage.store import (
     join,
     list_names,
     read_bytes,
-    register_storage_options,
-    share_storage_options,
+    storage_options_in_use,
+    storage_options_shared,
 )
 from mf_dist.storage.tiles import CooccurrenceResult
 
@@ -382,15 +382,14 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         "run %s: %s model, rank %d, input %s", run_id, config.model, config.resolved_rank, config.input
     )
     work_dir = config.work_location
-    # Workers resolve URLs with these options (StorageOptionsPlugin), never from a record.
-    for location in (config.input, config.output, work_dir):
-        register_storage_options(location, config.storage_options)
     fingerprint = input_fingerprint(
         list_input_files(config.input, config.storage_options), config.storage_options
     )
     # One run at a time per output and work directory (see mf_dist.storage.output_lock);
     # taken first, so that an unwritable or busy output fails before any work.
     with (
+        # Workers resolve URLs with these options (StorageOptionsPlugin), never from a record.
+        storage_options_in_use((config.input, config.output, work_dir), config.storage_options),
         exclusive_run(
             config.output, work_dir, purpose=f"run {run_id}", storage_options=config.storage_options
         ),
@@ -400,8 +399,8 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
             scheduler=config.scheduler,
             cluster=config.cluster,
         ) as client,
+        storage_options_shared(client),
     ):
-        share_storage_options(client)
         for leftover in remove_debris(config.output):
             logger.info("removed %s, left by an interrupted run", leftover)
         scheduler = client.scheduler.address

@@ -54,6 +54,7 @@ from mf_dist.storage.ingested import IngestResult
 from mf_dist.storage.publish import fsync_path, move_into_place, publish_run, publish_run_remote
 from mf_dist.storage.reader import MANIFEST_FILE
 from mf_dist.storage.schema import FORMAT_VERSION, embedding_table_schema
+from mf_dist.storage.store import read_table
 from mf_dist.terminal.loss_plot import write_loss_curve_png
 
 # Parts and row groups of about this size: large enough that readers do few
@@ -96,7 +97,7 @@ def write_part(
     """
     start = table.grid.bounds(blocks[0])[0]
     stop = table.grid.bounds(blocks[-1])[1]
-    ids = pq.read_table(
+    ids = read_table(
         id_map_path, columns=[id_column], filters=[("index", ">=", start), ("index", "<", stop)]
     )[id_column]
     vectors, biases = [], []

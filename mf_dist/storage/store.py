@@ -35,8 +35,8 @@ Reads with a row filter (the id maps read by export) go through
 ``pq.read_table(filesystem=...)`` so that only the matching row groups travel.
 
 Storage options. A run's ``storage_options`` are registered once per bucket
-(:func:`register_storage_options`) and reach every Dask worker through
-:class:`StorageOptionsPlugin`, so that records holding only a URL (the stage
+(:func:`storage_options_in_use`) and reach every Dask worker through
+:class:`StorageOptionsPlugin` (:func:`storage_options_shared`), so that records holding only a URL (the stage
 records, a factor table's directory, a checkpoint) never carry them: secrets
 stay out of every file and artifact. Workers otherwise use the credentials
 of their own environment (the store's standard chain).
@@ -48,7 +48,7 @@ import contextlib
 import io
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,10 @@ __all__ = [
     "read_bytes",
     "read_schema",
     "read_table",
-    "register_storage_options",
     "save_array",
     "save_arrays",
+    "storage_options_in_use",
+    "storage_options_shared",
     "write_bytes",
     "write_table",
 ]
@@ -84,10 +85,23 @@ __all__ = [
 _OPTIONS: dict[str, dict[str, Any]] = {}
 
 
-def register_storage_options(location: str, storage_options: Mapping[str, Any] | None) -> None:
-    """Use ``storage_options`` for every later access to ``location``'s bucket in this process."""
-    if is_remote(location) and storage_options:
-        _OPTIONS[root_of(location)] = dict(storage_options)
+@contextlib.contextmanager
+def storage_options_in_use(
+    locations: Iterable[str], storage_options: Mapping[str, Any] | None
+) -> Iterator[None]:
+    """Use ``storage_options`` for the buckets of ``locations`` in this process during the block."""
+    roots = {root_of(location) for location in locations if is_remote(location)}
+    previous = {root: _OPTIONS.get(root) for root in roots}
+    if storage_options:
+        _OPTIONS.update({root: dict(storage_options) for root in roots})
+    try:
+        yield
+    finally:
+        for root, options in previous.items():
+            if options is None:
+                _OPTIONS.pop(root, None)
+            else:
+                _OPTIONS[root] = options
 
 
 def _options(location: str) -> dict[str, Any] | None:
@@ -110,11 +124,23 @@ class StorageOptionsPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         _OPTIONS.update(self.options)
 
+    def teardown(self, worker: Any) -> None:
+        for root in self.options:
+            _OPTIONS.pop(root, None)
 
-def share_storage_options(client: Any) -> None:
-    """Register this process's storage options on the workers of ``client`` (nothing to do without any)."""
-    if _OPTIONS:
-        client.register_plugin(StorageOptionsPlugin())
+
+@contextlib.contextmanager
+def storage_options_shared(client: Any) -> Iterator[None]:
+    """This process's storage options on every worker of ``client`` during the block (if there are any)."""
+    if not _OPTIONS:
+        yield
+        return
+    client.register_plugin(StorageOptionsPlugin())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(StorageOptionsPlugin.name)
 
 
 def _remote(location: str) -> tuple[Any, str]:

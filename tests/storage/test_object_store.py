@@ -226,6 +226,54 @@ def test_secret_storage_options_are_masked_in_manifests():
     }
 
 
+def test_storage_options_reach_the_workers_and_no_secret_is_written(
+    prefect_server, s3, client, tmp_path, tiny_input
+):
+    """Workers without endpoint or keys of their own get the config's storage options (and only in memory).
+
+    The secret given in ``storage_options`` is found in no object of the work
+    directory or the output (records, checkpoints, stamps, manifests, reports),
+    nor in the flow host's stored stage results.
+    """
+    secret = "do-not-write-this-secret-4711"
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(
+        f'input = "s3://{BUCKET}/ratings/"\noutput = "s3://{BUCKET}/secret/out"\n'
+        f'work_dir = "s3://{BUCKET}/secret/work"\nscheduler = "{client.scheduler.address}"\n'
+        'model = "explicit"\nsolver = "gradient"\nrank = 3\nepochs = 2\nblock_size = 64\n'
+        f'[storage_options]\nendpoint_url = "{s3["AWS_ENDPOINT_URL"]}"\nkey = "storage-key"\n'
+        f'secret = "{secret}"\n'
+    )
+    nothing = {name: None for name in [*FAKE_CREDENTIALS, "AWS_ENDPOINT_URL"] if name != "AWS_DEFAULT_REGION"}
+    nothing |= {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        with worker_environment(client, nothing):
+            summary = factorization_pipeline(load_config(config_file))
+    assert read_embeddings(f"s3://{BUCKET}/secret/out").manifest["run_id"] == summary.run_id
+
+    def options_on_workers() -> dict:
+        from mf_dist.storage import store
+
+        return dict(store._OPTIONS)
+
+    # The options left the workers with the run.
+    assert all(options == {} for options in client.run(options_on_workers).values())
+    filesystem, _ = resolve(f"s3://{BUCKET}")
+    objects = filesystem.find(f"{BUCKET}/secret")
+    assert any("/work/checkpoints/" in name for name in objects)
+    assert any(name.endswith("_manifest.json") for name in objects)
+    for name in objects:
+        assert secret.encode() not in filesystem.cat_file(name), name
+    stored = [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]
+    assert stored
+    for path in stored:
+        assert secret.encode() not in path.read_bytes(), path
+
+
 def test_storage_options_come_from_the_config_file_only(tmp_path, tiny_input):
     config_file = tmp_path / "run.toml"
     config_file.write_text(

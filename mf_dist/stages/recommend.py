@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,7 +55,7 @@ from mf_dist.runtime.cluster import compute_device, training_resources
 from mf_dist.stages.export import TARGET_PART_BYTES
 from mf_dist.stages.neighbors import group_consecutive, load_ids, plan_blocks
 from mf_dist.storage.ingested import IngestResult, liked_mask, load_ingest_result
-from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
+from mf_dist.storage.publish import fsync_path, new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import read_manifest, resolve_run_dir
 from mf_dist.storage.schema import FORMAT_VERSION, recommendations_table_schema
 from mf_dist.storage.store import read_table
@@ -341,8 +340,7 @@ def write_recommendations_part(
         schema=schema,
     )
     pq.write_table(table, path, row_group_size=max(1, table.num_rows))
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    fsync_path(path)
     return table.num_rows, short
 
 

@@ -214,11 +214,16 @@ def exclusive_run(
 
     Each is a lock object on an object store (after checking its bucket), a
     flocked directory otherwise; a work directory inside the output is
-    covered by the output's lock.
+    covered by the output's lock. On an object store, taking the lock is
+    itself a write under the output; the work directory gets a write probe
+    as well (:func:`probe_writable`), so a denied write fails here, before
+    any work, not at the first checkpoint an hour later.
     """
     with contextlib.ExitStack() as held:
         for index, location in enumerate((str(output), str(work_dir))):
             if index == 1 and _inside(str(work_dir), str(output)):
+                if is_remote(location):
+                    probe_writable(location, storage_options)
                 break
             if is_remote(location):
                 check_bucket(location, storage_options, OutputError)
@@ -226,6 +231,15 @@ def exclusive_run(
             else:
                 held.enter_context(exclusive_directory(Path(local_path(location)), purpose))
         yield
+
+
+def probe_writable(location: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write and delete a tiny object under ``location``; :class:`OutputError` (one line) when denied."""
+    filesystem, root = resolve(location, storage_options)
+    probe = join(root, f".mf-dist-write-probe-{secrets.token_hex(4)}")
+    with storage_errors(location, OutputError):
+        filesystem.pipe_file(probe, b"")
+        filesystem.rm_file(probe)
 
 
 def _inside(inner: str, outer: str) -> bool:

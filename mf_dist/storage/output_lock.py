@@ -55,6 +55,8 @@ from typing import Any
 
 from mf_dist.errors import OutputError
 from mf_dist.storage.filesystems import check_bucket, is_remote, join, local_path, resolve, storage_errors
+from mf_dist.storage.reader import MANIFEST_FILE
+from mf_dist.storage.store import delete_prefix, exists, list_names, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -249,18 +251,19 @@ def _inside(inner: str, outer: str) -> bool:
     return Path(inner).resolve().is_relative_to(Path(local_path(outer)).resolve())
 
 
-def remove_debris(output: str | Path) -> list[Path]:
+def remove_debris(output: str | Path) -> list[Path | str]:
     """Delete what killed writers left in the tables under ``output``; returns what was removed.
 
-    Only call it while holding :func:`exclusive_directory` on ``output``:
+    Only call it while holding :func:`exclusive_run` on ``output``:
     then every ``runs/.<id>.partial`` directory and ``.LATEST.*.tmp`` file
     belongs to a run that is no longer alive. Complete runs (``runs/<id>/``)
-    are never touched, published or not.
+    are never touched, published or not. On an object store (no rename) the
+    debris is a ``runs/<id>/`` prefix without its manifest (written last),
+    other than the run ``LATEST`` names: see :func:`_remove_remote_debris`.
     """
-    removed: list[Path] = []
     if is_remote(output):
-        # Unpublished runs on an object store are never read (no LATEST names them); left as they are.
-        return removed
+        return list(_remove_remote_debris(str(output)))
+    removed: list[Path | str] = []
     output = Path(local_path(output))
     if not output.is_dir():
         return removed
@@ -276,6 +279,33 @@ def remove_debris(output: str | Path) -> list[Path]:
             "removed %d leftover(s) of interrupted runs under %s: %s",
             len(removed),
             output,
-            ", ".join(str(path.relative_to(output)) for path in removed),
+            ", ".join(str(Path(path).relative_to(output)) for path in removed),
         )
+    return removed
+
+
+def _remove_remote_debris(output: str) -> list[str]:
+    """:func:`remove_debris` on an object store: ``runs/<id>/`` prefixes without a manifest.
+
+    The lock is held, so no live run is writing one of them; the run named by
+    ``LATEST`` is kept whatever it holds (a reader may be following it).
+    """
+    removed: list[str] = []
+    with storage_errors(output, OutputError):
+        for table in list_names(output):
+            runs = join(output, table, "runs")
+            run_ids = list_names(runs)
+            if not run_ids:
+                continue
+            try:
+                current = read_bytes(join(output, table, "LATEST")).decode().strip()
+            except FileNotFoundError:
+                current = None
+            for run_id in run_ids:
+                run = join(runs, run_id)
+                if run_id != current and not exists(join(run, MANIFEST_FILE)):
+                    delete_prefix(run)
+                    removed.append(run)
+    if removed:
+        logger.info("removed %d leftover(s) of interrupted runs: %s", len(removed), ", ".join(removed))
     return removed

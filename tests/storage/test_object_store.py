@@ -121,6 +121,36 @@ def test_a_run_on_the_object_store_publishes_the_tables_of_a_local_run(
     assert read_embeddings(f"{output}/items/runs/{remote.run_id}").manifest["run_id"] == remote.run_id
 
 
+def test_the_documented_recipes_read_the_published_table_with_the_endpoint(
+    prefect_server, s3, client, tmp_path, tiny_input
+):
+    """docs/tables.md, "Object stores": pyarrow and Polars read the current run by LATEST.
+
+    DuckDB's S3 support is an extension it downloads on first use: not tried here.
+    """
+    import polars as pl
+    import pyarrow.fs
+
+    output = f"s3://{BUCKET}/recipes"
+    summary = run(client, str(tiny_input), output, tmp_path / "work")
+    expected = read_embeddings(output, "items")
+    endpoint = s3["AWS_ENDPOINT_URL"]
+
+    # pyarrow
+    store = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region="us-east-1")
+    with store.open_input_stream(f"{BUCKET}/recipes/items/LATEST") as latest:
+        run_id = latest.read().decode().strip()
+    table = pq.read_table(f"{BUCKET}/recipes/items/runs/{run_id}", filesystem=store)
+    # Polars
+    options = {"aws_endpoint_url": endpoint, "aws_region": "us-east-1", "aws_allow_http": "true"}
+    frame = pl.read_parquet(f"{output}/items/runs/{run_id}/*.parquet", storage_options=options)
+
+    assert run_id == summary.run_id
+    for ids in (table["item_id"].to_numpy(), frame["item_id"].to_numpy()):
+        assert np.array_equal(ids, expected.ids)
+    assert np.array_equal(np.stack(frame["embedding"].to_list()).astype(np.float32), expected.vectors)
+
+
 @pytest.mark.parametrize(
     ("model", "solver"),
     [

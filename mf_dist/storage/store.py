@@ -24,15 +24,22 @@ lock                        :func:`mf_dist.storage.output_lock.exclusive_run`
 
 Access pattern and library. Work-directory files (ratings blocks, tiles,
 factor blocks, checkpoints) are written once and always read whole by one
-task, so on an object store they are moved as one object: one GET
+task, so on an object store each is moved as one object: one GET
 (``cat_file``) into memory and ``pyarrow.BufferReader`` / ``np.load`` on the
 bytes, one PUT (``pipe_file``) of the serialised bytes. Measured on the
-loopback moto server (a 4 MB ratings block, best of 5, shared 2-core machine):
-``cat_file`` + BufferReader 0.03 s against 0.06 s for ``pq.read_table`` with
-the fsspec filesystem (a HEAD, then ranged GETs for the footer and the row
-groups) and 0.05 s with ``pyarrow.fs.S3FileSystem``; see docs/tables.md.
-Reads with a row filter (the id maps read by export) go through
-``pq.read_table(filesystem=...)`` so that only the matching row groups travel.
+loopback moto server, best and median of 5, on a shared 2-core machine at
+load 11-13 (ratings-block Parquet of 0.26 MB and 2.6 MB): reading, one GET
+0.009-0.011 s / 0.015-0.030 s, ``pq.read_table`` through s3fs's file object
+0.029 s / 0.034-0.042 s (a HEAD, then ranged GETs for the footer and the row
+groups), through ``pyarrow.fs.S3FileSystem`` 0.015 s / 0.019 s; writing
+(encoding included), one PUT 0.009 s / 0.107 s, through s3fs 0.009 s /
+0.080 s, through pyarrow.fs 0.014 s / 0.106 s. So one GET is never slower
+than s3fs's file object and on par with pyarrow's own S3 client (whose lead
+on the larger block is within this machine's noise); fsspec is kept because
+it alone covers every scheme (gs://, abfs://, any fsspec protocol) with the
+same ``storage_options`` as the input side. Reads with a row filter (the id
+maps read by export) go through ``pq.read_table(filesystem=...)`` so that
+only the matching row groups travel.
 
 Storage options. A run's ``storage_options`` are registered once per bucket
 (:func:`storage_options_in_use`) and reach every Dask worker through

@@ -16,6 +16,7 @@ SUITE_NAMES = (
     "nmf",
     "cooccurrence-embedding",
     "end-to-end",
+    "end-to-end-s3",
 )
 """The names of :data:`mf_dist.bench.suites.SUITES`, in order (a test keeps them equal)."""
 

@@ -43,8 +43,9 @@ only the matching row groups travel.
 
 Storage options. A run's ``storage_options`` are registered once per bucket
 (:func:`storage_options_in_use`) and reach every Dask worker through
-:class:`StorageOptionsPlugin` (:func:`storage_options_shared`), so that records holding only a URL (the stage
-records, a factor table's directory, a checkpoint) never carry them: secrets
+:class:`~mf_dist.storage.options_plugin.StorageOptionsPlugin`
+(:func:`storage_options_shared`), so that records holding only a URL (the
+stage records, a factor table's directory, a checkpoint) never carry them: secrets
 stay out of every file and artifact. Workers otherwise use the credentials
 of their own environment (the store's standard chain).
 """
@@ -62,12 +63,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from mf_dist.storage.filesystems import is_remote, join, local_path, resolve, root_of
 
 __all__ = [
-    "StorageOptionsPlugin",
     "delete_prefix",
     "exists",
     "is_remote",
@@ -115,34 +114,16 @@ def _options(location: str) -> dict[str, Any] | None:
     return _OPTIONS.get(root_of(location))
 
 
-class StorageOptionsPlugin(WorkerPlugin):
-    """Registers this process's storage options on every Dask worker (present and future).
-
-    The options travel over Dask's connections (to the scheduler, which
-    keeps the plugin in memory, and on to the workers); they are never written
-    to a file.
-    """
-
-    name = "mf-dist-storage-options"
-
-    def __init__(self, options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        self.options = {root: dict(values) for root, values in (options or _OPTIONS).items()}
-
-    def setup(self, worker: Any) -> None:
-        _OPTIONS.update(self.options)
-
-    def teardown(self, worker: Any) -> None:
-        for root in self.options:
-            _OPTIONS.pop(root, None)
-
-
 @contextlib.contextmanager
 def storage_options_shared(client: Any) -> Iterator[None]:
     """This process's storage options on every worker of ``client`` during the block (if there are any)."""
     if not _OPTIONS:
         yield
         return
-    client.register_plugin(StorageOptionsPlugin())
+    # Imported here: the CLI imports this module and must start without Dask.
+    from mf_dist.storage.options_plugin import StorageOptionsPlugin
+
+    client.register_plugin(StorageOptionsPlugin(_OPTIONS))
     try:
         yield
     finally:

@@ -186,6 +186,10 @@ def test_input_work_and_output_on_the_store_give_the_tables_of_a_local_run(
     # A cached second run finds its stages through the stamps in the store.
     again = run(client, f"s3://{BUCKET}/ratings/", output, work, **settings)
     assert again.final_loss == remote.final_loss
+    # A warm start from the published tables on the store starts where they ended.
+    warm = run(client, f"s3://{BUCKET}/ratings/", f"{output}-warm", work, init_from=output, **settings)
+    assert warm.loss_history[0].loss < remote.loss_history[0].loss
+    assert read_embeddings(f"{output}-warm").manifest["config"]["init_from"] == output
 
 
 @pytest.mark.parametrize(

@@ -236,7 +236,9 @@ def read_table(location: str | Path, columns: list[str] | None = None, filters: 
     if is_remote(location):
         filesystem, path = _remote(location)
         if filters is not None:
-            # Only the row groups that match travel.
+            # Only the row groups that match travel. The size comes from the
+            # store, not from a listing this worker cached before a rewrite.
+            filesystem.invalidate_cache(path)
             return pq.read_table(path, filesystem=filesystem, columns=columns, filters=filters)
         return pq.read_table(pa.BufferReader(filesystem.cat_file(path)), columns=columns)
     return pq.read_table(local_path(location), columns=columns, filters=filters)
@@ -247,6 +249,7 @@ def read_schema(location: str | Path) -> pa.Schema:
     location = str(location)
     if is_remote(location):
         filesystem, path = _remote(location)
+        filesystem.invalidate_cache(path)
         return pq.read_schema(path, filesystem=filesystem)
     return pq.read_schema(local_path(location))
 

@@ -101,7 +101,7 @@ def _run(config: RunConfig) -> PipelineSummary:
     )
     with exclusive_run(
         config.output,
-        config.resolved_work_dir,
+        config.work_location,
         purpose="checking the output",
         storage_options=config.storage_options,
     ):

@@ -19,7 +19,7 @@ from mf_dist.errors import ConfigError
 from mf_dist.registry import ModelDefaults, model_spec
 from mf_dist.runtime.cluster_settings import ClusterSettings, default_worker_count
 from mf_dist.settings import DuplicatePolicy, NeighborsMetric, TrainingOptions, TrainSettings
-from mf_dist.storage.filesystems import check_url, is_remote, local_path
+from mf_dist.storage.filesystems import check_url, is_remote, join, local_path
 
 
 class RunConfig(TrainingOptions):
@@ -39,7 +39,11 @@ class RunConfig(TrainingOptions):
         description="Directory or URL (s3://bucket/prefix) that receives the published tables."
     )
     work_dir: str | None = Field(
-        None, description="Intermediate data, a local directory (default: <output>/_work for a local output)."
+        None,
+        description=(
+            "Intermediate data: a directory or a URL (s3://bucket/prefix), which the workers read and "
+            "write (default: <output>/_work)."
+        ),
     )
     storage_options: dict[str, str] = Field(
         default_factory=dict,
@@ -151,25 +155,13 @@ class RunConfig(TrainingOptions):
                     check_url(str(value))
                 except ConfigError as exc:
                     raise ValueError(str(exc)) from None
-        if self.work_dir is not None and is_remote(self.work_dir):
-            raise ValueError(
-                f"work_dir {self.work_dir!r}: the work directory must be a local path in this release"
-            )
         if is_remote(self.output):
-            if self.work_dir is None:
-                raise ValueError(
-                    f"output {self.output!r} is a URL: give a local work_dir (--work-dir) for the "
-                    "intermediate data"
-                )
             derived = [name for name in ("neighbors", "recommend") if getattr(self, name)]
             derived += ["ann"] if self.ann != "none" else []
             if derived:
                 raise ValueError(
                     f"{', '.join(derived)}: not yet available with a URL output; publish them locally"
                 )
-        init_from = getattr(self, "init_from", None)
-        if init_from is not None and is_remote(str(init_from)):
-            raise ValueError(f"init_from {init_from!r}: a warm start from a URL is not yet available")
         return self
 
     @model_validator(mode="after")
@@ -184,7 +176,7 @@ class RunConfig(TrainingOptions):
         # inside one would be read back as ratings by the next run.
         source = input_directory(self.input)
         for name, path in (("output", self.output), ("work_dir", self.work_dir)):
-            if path is not None and Path(path).resolve().is_relative_to(source):
+            if path is not None and not is_remote(path) and Path(path).resolve().is_relative_to(source):
                 raise ValueError(
                     f"{name} {path!r} is inside the input directory {str(source)!r}, whose files are all "
                     f"read as ratings; choose an {name} outside it"
@@ -248,7 +240,17 @@ class RunConfig(TrainingOptions):
 
     @property
     def resolved_work_dir(self) -> Path:
+        """The local work directory (use :attr:`work_location`, which may also be a URL)."""
         return Path(local_path(self.work_dir)) if self.work_dir else Path(local_path(self.output)) / "_work"
+
+    @property
+    def work_location(self) -> str:
+        """The work directory as a path or a URL: ``work_dir``, else ``<output>/_work``."""
+        if self.work_dir is not None and is_remote(self.work_dir):
+            return self.work_dir.rstrip("/")
+        if self.work_dir is None and is_remote(self.output):
+            return join(self.output, "_work")
+        return str(self.resolved_work_dir)
 
 
 def input_directory(path: str) -> Path:

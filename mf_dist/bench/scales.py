@@ -17,6 +17,7 @@ SUITE_NAMES = (
     "cooccurrence-embedding",
     "recommend",
     "end-to-end",
+    "end-to-end-s3",
 )
 """The names of :data:`mf_dist.bench.suites.SUITES`, in order (a test keeps them equal)."""
 

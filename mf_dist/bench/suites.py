@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 from distributed import Client
@@ -49,6 +48,7 @@ from mf_dist.stages.evaluation import holdout_metrics, ranking_block_metrics
 from mf_dist.stages.train import train_factors
 from mf_dist.storage.factor_files import EpochRecord, FactorTable, TrainResult, block_seed, write_factor_block
 from mf_dist.storage.ingested import IngestResult, load_ingest_result
+from mf_dist.storage.store import exists, read_table
 from mf_dist.storage.tiles import load_cooccurrence_result
 from mf_dist.trainers.liked_products import choose_x_products
 
@@ -99,9 +99,9 @@ def liked_matrix(ingest: IngestResult, *, held_out: bool = False) -> sp.csr_matr
     users, items, ratings = [], [], []
     for block in range(ingest.user_grid.n_blocks):
         path = ingest.holdout_path(block) if held_out else ingest.ratings_path(block)
-        if not path.exists():
+        if not exists(path):
             continue
-        table = pq.read_table(path)
+        table = read_table(path)
         users.append(table["user"].to_numpy())
         items.append(table["item"].to_numpy())
         ratings.append(table["rating"].to_numpy())
@@ -479,6 +479,13 @@ def _version(package: str) -> str:
         return "?"
 
 
+def _missing_for_s3(*modules: str) -> str | None:
+    absent = [name for name in modules if importlib.util.find_spec(name) is None]
+    if absent:
+        return f"not installed ({', '.join(absent)}): pip install 'mf-dist[bench,s3]'"
+    return None
+
+
 def _missing(*modules: str) -> str | None:
     absent = [name for name in modules if importlib.util.find_spec(name) is None]
     if absent:
@@ -532,7 +539,7 @@ def explicit_reference(context: SideContext) -> Timed:
             ingest.holdout_path(b) if held_out else ingest.ratings_path(b)
             for b in range(ingest.user_grid.n_blocks)
         ]
-        tables = [pq.read_table(p, columns=["user", "item", "rating"]) for p in paths if p.exists()]
+        tables = [read_table(p, columns=["user", "item", "rating"]) for p in paths if exists(p)]
         return pd.concat([t.to_pandas() for t in tables], ignore_index=True).astype(
             {"user": "int32", "item": "int32", "rating": "float32"}
         )
@@ -828,17 +835,71 @@ def embedding_reference(context: SideContext) -> Timed:
 
 
 def end_to_end_ours(context: SideContext) -> Timed:
+    """``mf-dist run`` on local disk: input, work directory and output in the bench's directories."""
     output = Path(context.work_dir).parent / "end-to-end-output"
     shutil.rmtree(output, ignore_errors=True)
+    return _end_to_end_run(context, context.input_dir, str(output), {}, "on local disk")
+
+
+def end_to_end_on_s3(context: SideContext) -> Timed:
+    """The same run with input, work directory and output on an S3 server on loopback (moto).
+
+    The input is uploaded before the clock starts; the workers of the run's
+    local cluster find the server through ``AWS_ENDPOINT_URL``. The server is
+    one Python process on this machine, sharing its cores with the run: the
+    time is an upper bound on a real store's.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        environment = {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        import fsspec
+
+        store = fsspec.filesystem(
+            "s3",
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": environment["AWS_ENDPOINT_URL"]},
+            key="bench",
+            secret="bench",
+        )
+        store.mkdir(BENCH_BUCKET)
+        for file in sorted(Path(context.input_dir).glob("*.parquet")):
+            store.put_file(str(file), f"{BENCH_BUCKET}/ratings/{file.name}")
+        return _end_to_end_run(
+            context,
+            f"s3://{BENCH_BUCKET}/ratings/",
+            f"s3://{BENCH_BUCKET}/out",
+            environment,
+            "on S3 (moto, loopback)",
+        )
+    finally:
+        server.stop()
+
+
+BENCH_BUCKET = "mf-dist-bench"
+
+
+def _end_to_end_run(
+    context: SideContext, input_location: str, output: str, environment: dict[str, str], where: str
+) -> Timed:
+    """Time ``mf-dist run`` (cooccurrence, k = 64, 10 epochs) from ``input_location`` to ``output``."""
     command = [
         sys.executable,
         "-m",
         "mf_dist.cli",
         "run",
         "--input",
-        context.input_dir,
+        input_location,
         "--output",
-        str(output),
+        output,
         "--model",
         "cooccurrence",
         "--rank",
@@ -853,17 +914,25 @@ def end_to_end_ours(context: SideContext) -> Timed:
         context.device,
         "--quiet",
     ]
+    env = {**os.environ, "NO_COLOR": "1", **environment}
     with stopwatch() as elapsed:
-        completed = subprocess.run(
-            command, capture_output=True, text=True, check=False, env={**os.environ, "NO_COLOR": "1"}
-        )
+        completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"mf-dist run failed:\n{completed.stderr[-2000:]}")
     from mf_dist.storage.reader import read_embeddings
 
-    manifest = read_embeddings(output, "items").manifest
+    previous = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        manifest = read_embeddings(output, "items").manifest
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return Timed(
-        implementation="mf-dist run (Prefect flow), cooccurrence, k=64, 10 epochs",
+        implementation=f"mf-dist run (Prefect flow), cooccurrence, k=64, 10 epochs, {where}",
         seconds=elapsed[0],
         threads=context.workers,
         quality_name="final loss",
@@ -947,6 +1016,20 @@ SUITES: dict[str, Suite] = {
             ),
             end_to_end_ours,
             None,
+        ),
+        # The same run with input, work and output on S3 beside it on local disk:
+        # "ours" is the S3 run, the "reference" the local one, the ratio what the store costs.
+        Suite(
+            "end-to-end-s3",
+            "the S3 run's wall time over the local-disk run's (an upper bound: Python S3 server on loopback)",
+            [{}],
+            lambda cache_dir, scale, workers, variant: (
+                ratings_dir(cache_dir, scale),
+                cache_dir / scale.name / "e2e-s3",
+            ),
+            end_to_end_on_s3,
+            end_to_end_ours,
+            ours_unavailable=lambda: _missing_for_s3("moto", "s3fs"),
         ),
     ]
 }

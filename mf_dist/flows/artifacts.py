@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import math
+import tempfile
 from pathlib import Path
 from uuid import UUID
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mf_dist.storage.factor_files import EpochRecord
+from mf_dist.storage.store import join, write_bytes
 from mf_dist.terminal.loss_plot import write_loss_curve_png
 
 REPORTS_DIR = "reports"
@@ -46,9 +48,9 @@ def loss_table(history: list[EpochRecord]) -> list[dict[str, float | int | None]
 
 
 def publish_loss_artifacts(
-    history: list[EpochRecord], model: str, run_id: str, work_dir: Path
-) -> tuple[UUID, UUID, Path]:
-    """Create the loss table and loss-curve artifacts of one run; returns their ids and the PNG's path.
+    history: list[EpochRecord], model: str, run_id: str, work_dir: str | Path
+) -> tuple[UUID, UUID, str]:
+    """Create the loss table and loss-curve artifacts of one run; returns their ids and the PNG's location.
 
     The PNG is written to ``<work>/reports/loss-<run_id>.png`` and embedded
     in the markdown artifact as a ``data:`` URI, so the UI shows it without
@@ -59,10 +61,13 @@ def publish_loss_artifacts(
         key=f"mf-dist-{model}-loss",
         description=f"Loss per epoch of run {run_id} ({model} model)",
     )
-    reports = Path(work_dir) / REPORTS_DIR
-    reports.mkdir(parents=True, exist_ok=True)
-    png = write_loss_curve_png(history, reports / f"loss-{run_id}.png", title=f"{model} · run {run_id}")
-    encoded = base64.b64encode(png.read_bytes()).decode("ascii")
+    png = join(str(work_dir), REPORTS_DIR, f"loss-{run_id}.png")
+    with tempfile.TemporaryDirectory() as scratch:
+        # The plotting library writes a local file; the work directory may be a URL.
+        drawn = write_loss_curve_png(history, Path(scratch) / "loss.png", title=f"{model} · run {run_id}")
+        picture = drawn.read_bytes()
+    write_bytes(png, picture)
+    encoded = base64.b64encode(picture).decode("ascii")
     final = history[-1]
     markdown = (
         f"### Loss curve, run `{run_id}`\n\n"

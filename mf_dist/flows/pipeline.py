@@ -39,9 +39,9 @@ from mf_dist.errors import MfDistError
 from mf_dist.flows.artifacts import publish_loss_artifacts
 from mf_dist.flows.run_logs import keep_our_errors_to_one_line
 from mf_dist.flows.stage_cache import (
-    STAGES_DIR,
     StageKeyPolicy,
     clear_stamp,
+    result_storage,
     stage_key,
     stamp_matches,
     stored_result_is_json,
@@ -62,6 +62,15 @@ from mf_dist.storage.ingested import IngestResult
 from mf_dist.storage.input_files import input_fingerprint, list_input_files
 from mf_dist.storage.output_lock import exclusive_run, remove_debris
 from mf_dist.storage.publish import new_run_id
+from mf_dist.storage.store import (
+    exists,
+    is_remote,
+    join,
+    list_names,
+    read_bytes,
+    storage_options_in_use,
+    storage_options_shared,
+)
 from mf_dist.storage.tiles import CooccurrenceResult
 
 Result = TypeVar("Result")
@@ -142,7 +151,7 @@ def _run_stage(name: str, scheduler: str, body: Callable[[Client], Result]) -> t
     return result, report
 
 
-def _stamped(stage: str, work_dir: Path, key: str, run: Callable[[], Result]) -> Result:
+def _stamped(stage: str, work_dir: str, key: str, run: Callable[[], Result]) -> Result:
     clear_stamp(work_dir, stage)
     result = run()
     write_stamp(work_dir, stage, key)
@@ -174,7 +183,7 @@ def ingest_arguments(config: RunConfig) -> dict[str, Any]:
 @task(name="ingest", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient, result_serializer="json")
 def ingest_task(scheduler: str, config: RunConfig, stage_key: str) -> tuple[IngestResult, StageReport]:
     """Input Parquet → indexed ratings in the work directory."""
-    work_dir = config.resolved_work_dir
+    work_dir = config.work_location
     return _stamped(
         "ingest",
         work_dir,
@@ -200,7 +209,7 @@ def cooccurrence_task(
     scheduler: str, config: RunConfig, ingest: IngestResult, stage_key: str
 ) -> tuple[CooccurrenceResult, StageReport]:
     """Indexed ratings → tiles of X = SᵀS in the work directory."""
-    work_dir = config.resolved_work_dir
+    work_dir = config.work_location
     return _stamped(
         "cooccurrence",
         work_dir,
@@ -214,7 +223,7 @@ def cooccurrence_task(
 @task(name="train", cache_policy=STAGE_CACHE, retry_condition_fn=is_transient, result_serializer="json")
 def train_task(scheduler: str, config: RunConfig, stage_key: str) -> tuple[TrainResult, StageReport]:
     """Ingested data (and co-occurrence tiles) → factor blocks in the work directory."""
-    return _stamped("train", config.resolved_work_dir, stage_key, lambda: _train(scheduler, config))
+    return _stamped("train", config.work_location, stage_key, lambda: _train(scheduler, config))
 
 
 def _train(scheduler: str, config: RunConfig) -> tuple[TrainResult, StageReport]:
@@ -227,9 +236,7 @@ def _train(scheduler: str, config: RunConfig) -> tuple[TrainResult, StageReport]
     return _run_stage(
         "train",
         scheduler,
-        lambda client: train_factors(
-            client, config.resolved_work_dir, config.train_settings, on_epoch=log_epoch
-        ),
+        lambda client: train_factors(client, config.work_location, config.train_settings, on_epoch=log_epoch),
     )
 
 
@@ -299,7 +306,7 @@ def recommend_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[Reco
             client,
             config.output,
             config.recommend,
-            work_dir=config.resolved_work_dir,
+            work_dir=config.work_location,
             source_run_id=run_id,
             block_size=config.block_size,
             run_id=run_id,
@@ -335,8 +342,9 @@ def training_key_settings(config: RunConfig) -> dict[str, Any]:
     init_from = settings.get("init_from")
     if init_from:
         # A warm start reads whatever tables are current there now.
+        latest = [join(init_from, name, "LATEST") for name in list_names(init_from)]
         settings["init_from_runs"] = {
-            str(latest): latest.read_text().strip() for latest in sorted(Path(init_from).glob("*/LATEST"))
+            location: read_bytes(location).decode().strip() for location in latest if exists(location)
         }
     return settings
 
@@ -346,7 +354,7 @@ def stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
     retry = {"retries": config.retries, "retry_delay_seconds": config.retry_delay_seconds}
     if not config.cache:
         return {**retry, "cache_policy": NO_CACHE}
-    storage = config.resolved_work_dir.resolve() / STAGES_DIR / "results"
+    storage = result_storage(config.work_location)
     return {
         **retry,
         # Results live beside the work directory they describe: a cache
@@ -356,7 +364,7 @@ def stage_options(config: RunConfig, stage: str, key: str) -> dict[str, Any]:
         # JSON, never pickle: these files are read back from disk on a cache hit.
         "result_serializer": "json",
         "refresh_cache": not (
-            stamp_matches(config.resolved_work_dir, stage, key) and stored_result_is_json(storage, key)
+            stamp_matches(config.work_location, stage, key) and stored_result_is_json(storage, key)
         ),
     }
 
@@ -373,13 +381,15 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
     logger.info(
         "run %s: %s model, rank %d, input %s", run_id, config.model, config.resolved_rank, config.input
     )
-    work_dir = config.resolved_work_dir
+    work_dir = config.work_location
     fingerprint = input_fingerprint(
         list_input_files(config.input, config.storage_options), config.storage_options
     )
     # One run at a time per output and work directory (see mf_dist.storage.output_lock);
     # taken first, so that an unwritable or busy output fails before any work.
     with (
+        # Workers resolve URLs with these options (StorageOptionsPlugin), never from a record.
+        storage_options_in_use((config.input, config.output, work_dir), config.storage_options),
         exclusive_run(
             config.output, work_dir, purpose=f"run {run_id}", storage_options=config.storage_options
         ),
@@ -389,6 +399,7 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
             scheduler=config.scheduler,
             cluster=config.cluster,
         ) as client,
+        storage_options_shared(client),
     ):
         for leftover in remove_debris(config.output):
             logger.info("removed %s, left by an interrupted run", leftover)
@@ -396,7 +407,8 @@ def factorization_pipeline(config: RunConfig) -> PipelineSummary:
         n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
         logger.info("Dask scheduler %s with %d workers", scheduler, n_workers)
 
-        key = stage_key("ingest", fingerprint, ingest_arguments(config), str(work_dir.resolve()))
+        place = work_dir if is_remote(work_dir) else str(Path(work_dir).resolve())
+        key = stage_key("ingest", fingerprint, ingest_arguments(config), place)
         ingest, ingest_report = ingest_task.with_options(**stage_options(config, "ingest", key))(
             scheduler, config, key
         )

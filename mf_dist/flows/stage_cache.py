@@ -25,6 +25,8 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
+from mf_dist.storage.store import delete_prefix, is_remote, join, put_atomic, read_bytes
+
 STAGES_DIR = "_stages"
 KEY_PARAMETER = "stage_key"
 
@@ -65,30 +67,43 @@ def stage_key(stage: str, *parts: Any) -> str:
     return f"mf-dist-{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:32]}"
 
 
-def stamp_path(work_dir: str | Path, stage: str) -> Path:
-    return Path(work_dir) / STAGES_DIR / f"{stage}.key"
+def result_storage(work_dir: str | Path) -> Path:
+    """The directory of Prefect's stored stage results (small JSON records) for a work directory.
+
+    Local: ``<work>/_stages/results``, beside the files the results name, so a
+    cache entry is never found on a host that cannot see them. A work directory
+    on an object store keeps them in this host's cache directory, keyed by
+    the URL: a host without the record just runs the stage again, and the
+    stamp (in the store) still decides whether a record may be used.
+    """
+    if not is_remote(str(work_dir)):
+        return Path(work_dir).resolve() / STAGES_DIR / "results"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(str(work_dir).encode()).hexdigest()[:16]
+    return cache / "mf-dist" / "stage-results" / digest
+
+
+def stamp_path(work_dir: str | Path, stage: str) -> str:
+    """Where ``stage``'s stamp lives (``work_dir`` is a path or a URL)."""
+    return join(str(work_dir), STAGES_DIR, f"{stage}.key")
 
 
 def stamp_matches(work_dir: str | Path, stage: str, key: str) -> bool:
     """Whether the work directory holds the finished output of ``stage`` for ``key``."""
     try:
-        return stamp_path(work_dir, stage).read_text().strip() == key
+        return read_bytes(stamp_path(work_dir, stage)).decode().strip() == key
     except FileNotFoundError:
         return False
 
 
 def clear_stamp(work_dir: str | Path, stage: str) -> None:
     """Forget that ``stage`` finished: called before the stage touches its output."""
-    stamp_path(work_dir, stage).unlink(missing_ok=True)
+    delete_prefix(stamp_path(work_dir, stage))
 
 
 def write_stamp(work_dir: str | Path, stage: str, key: str) -> None:
-    """Record that ``stage`` finished for ``key``: written last, replaced with one rename."""
-    path = stamp_path(work_dir, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(key + "\n")
-    partial.replace(path)
+    """Record that ``stage`` finished for ``key``: written last, replaced whole (rename or one put)."""
+    put_atomic(stamp_path(work_dir, stage), (key + "\n").encode())
 
 
 def stored_result_is_json(storage: str | Path, key: str) -> bool:

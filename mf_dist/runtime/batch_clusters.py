@@ -125,6 +125,8 @@ def kubernetes_cluster_spec(settings: KubernetesSettings, workers: int, threads_
         volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": settings.data_volume_claim}}]
         mounts = [{"name": "data", "mountPath": settings.data_mount_path}]
     pod_security = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+    # Workers read and write the object store with this account's workload identity.
+    identity = {"serviceAccountName": settings.service_account} if settings.service_account else {}
 
     worker_limits: dict[str, str] = {"memory": settings.memory}
     worker_args = [
@@ -186,13 +188,14 @@ def kubernetes_cluster_spec(settings: KubernetesSettings, workers: int, threads_
             "worker": {
                 "replicas": workers,
                 "spec": {
+                    **identity,
                     "securityContext": pod_security,
                     "containers": [worker_container],
                     "volumes": volumes,
                 },
             },
             "scheduler": {
-                "spec": {"securityContext": pod_security, "containers": [scheduler_container]},
+                "spec": {**identity, "securityContext": pod_security, "containers": [scheduler_container]},
                 "service": {
                     "type": "ClusterIP",
                     "selector": {

@@ -131,9 +131,12 @@ class SlurmSettings(BaseModel):
 class KubernetesSettings(BaseModel):
     """A ``DaskCluster`` resource for the Dask Kubernetes operator, one pod per worker.
 
-    The operator must be installed in the cluster (deploy/README.md). Workers
-    mount ``data_volume_claim`` (a ReadWriteMany claim) at ``data_mount_path``
-    so that they, and the pod that runs the flow, share the work and output
+    The operator must be installed in the cluster (deploy/README.md). With the
+    work directory and output on an object store (the default setup), pods
+    reach the store with the identity of ``service_account`` (workload
+    identity) or credentials in ``env``. The alternative: workers mount
+    ``data_volume_claim`` (a ReadWriteMany claim) at ``data_mount_path`` so
+    that they, and the pod that runs the flow, share the work and output
     directories.
     """
 
@@ -154,6 +157,13 @@ class KubernetesSettings(BaseModel):
     )
     data_mount_path: str = Field("/data", description="Where the claim is mounted in every pod.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment of every pod.")
+    service_account: str | None = Field(
+        None,
+        description=(
+            "Service account of the scheduler and worker pods: the one bound to the object store's "
+            "workload identity (IRSA on EKS, Workload Identity on GKE or AKS)."
+        ),
+    )
     startup_timeout_seconds: int = Field(
         900, ge=1, description="How long to wait for the scheduler and every worker pod."
     )

@@ -22,7 +22,6 @@ the index itself does). Output, published like the other tables::
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from distributed import Client
 from pydantic import BaseModel
 
 from mf_dist.errors import ConfigError
-from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
+from mf_dist.storage.publish import fsync_path, new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import read_embeddings, read_manifest, resolve_run_dir
 from mf_dist.storage.schema import FORMAT_VERSION
 
@@ -89,8 +88,7 @@ def build_index(kind: str, rows: np.ndarray, path: str) -> None:
         index.add_items(rows, np.arange(len(rows)))
         index.set_ef(EF_SEARCH)
         index.save_index(path)
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    fsync_path(path)
 
 
 def load_index(run_dir: str | Path) -> tuple[Any, dict[str, Any]]:

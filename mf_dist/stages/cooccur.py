@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from distributed import Client, Future
 from pydantic import BaseModel
@@ -36,6 +34,17 @@ from mf_dist.counting import pair_counts
 from mf_dist.errors import InputError
 from mf_dist.storage.ingested import IngestResult, liked_mask
 from mf_dist.storage.schema import COOCCURRENCE_DIR, TILE_SCHEMA
+from mf_dist.storage.store import (
+    delete_prefix,
+    exists,
+    is_remote,
+    join,
+    make_dirs,
+    read_table,
+    save_array,
+    write_bytes,
+    write_table,
+)
 from mf_dist.storage.tiles import CooccurrenceResult, TileInfo
 
 logger = logging.getLogger(__name__)
@@ -62,7 +71,7 @@ def liked_slabs(
     like_threshold: float | None,
 ) -> list[sp.csr_matrix]:
     """S for one user block, cut into one CSR slab per item block (users × block items, int32)."""
-    table = pq.read_table(ratings_path)
+    table = read_table(ratings_path)
     rating = table["rating"].to_numpy()
     liked = liked_mask(rating, like_threshold)
     users = table["user"].to_numpy()[liked] - user_start
@@ -193,16 +202,23 @@ def store_tile(
     name = f"tile-{row_block:05d}-{col_block:05d}"
     if density > DENSE_TILE_DENSITY:
         layout = "dense"
-        path = Path(directory) / f"{name}.npy"
-        stored = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=tile.shape)
-        stored[:] = tile.toarray() if sp.issparse(tile) else tile
-        if on_diagonal:
-            np.fill_diagonal(stored, 0)
-        stored.flush()
-        del stored
+        path = join(directory, f"{name}.npy")
+        if is_remote(path):
+            # An object is put whole: the tile is built in memory, then sent.
+            dense = np.array(tile.toarray() if sp.issparse(tile) else tile, dtype=np.int32)
+            if on_diagonal:
+                np.fill_diagonal(dense, 0)
+            save_array(path, dense)
+        else:
+            stored = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=tile.shape)
+            stored[:] = tile.toarray() if sp.issparse(tile) else tile
+            if on_diagonal:
+                np.fill_diagonal(stored, 0)
+            stored.flush()
+            del stored
     else:
         layout = "sparse"
-        path = Path(directory) / f"{name}.parquet"
+        path = join(directory, f"{name}.parquet")
         if isinstance(tile, np.ndarray):
             rows, cols, counts = pair_counts.off_diagonal_entries(tile, diagonal=on_diagonal, nonzeros=nnz)
         else:
@@ -213,7 +229,7 @@ def store_tile(
                 keep &= rows != cols
             if not keep.all():
                 rows, cols, counts = rows[keep], cols[keep], counts[keep]
-        pq.write_table(
+        write_table(
             pa.Table.from_arrays(
                 [
                     pa.array(rows.astype(np.int32, copy=False)),
@@ -228,7 +244,7 @@ def store_tile(
         row_block=row_block,
         col_block=col_block,
         layout=layout,
-        path=str(path),
+        path=path,
         nnz=nnz,
         sum_of_squares=float(squares),
     )
@@ -270,11 +286,11 @@ def cooccurrence_blocks(client: Client, ingest: IngestResult, work_dir: str | Pa
             "lower --like-threshold",
             column=ingest.item_column,
         )
-    directory = Path(work_dir) / COOCCURRENCE_DIR
-    if directory.exists():
-        shutil.rmtree(directory)
-    tiles_dir = directory / "tiles"
-    tiles_dir.mkdir(parents=True)
+    directory = join(str(work_dir), COOCCURRENCE_DIR)
+    if exists(directory):
+        delete_prefix(directory)
+    tiles_dir = join(directory, "tiles")
+    make_dirs(tiles_dir)
     user_grid, item_grid = ingest.user_grid, ingest.item_grid
 
     slabs_per_user_block = [
@@ -317,21 +333,21 @@ def cooccurrence_blocks(client: Client, ingest: IngestResult, work_dir: str | Pa
 
     tiles = [info for info, _ in results]
     diagonal = np.concatenate([diag for info, diag in results if info.row_block == info.col_block])
-    pq.write_table(
+    write_table(
         pa.table({"item": pa.array(np.arange(ingest.n_items, dtype=np.int32)), "count": pa.array(diagonal)}),
-        directory / "diagonal.parquet",
+        join(directory, "diagonal.parquet"),
     )
     # Tiles off the diagonal stand for themselves and their transpose.
     weight = {True: 1, False: 2}
     result = CooccurrenceResult(
-        directory=str(directory),
+        directory=directory,
         n_items=ingest.n_items,
         block_size=ingest.block_size,
         nnz_offdiagonal=sum(t.nnz * weight[t.row_block == t.col_block] for t in tiles),
         offdiagonal_sum_of_squares=sum(t.sum_of_squares * weight[t.row_block == t.col_block] for t in tiles),
         tiles=tiles,
     )
-    (directory / "summary.json").write_text(result.model_dump_json(indent=2))
+    write_bytes(join(directory, "summary.json"), result.model_dump_json(indent=2).encode())
     logger.info(
         "co-occurrence: %d tiles (%d dense), %d off-diagonal non-zeros",
         len(tiles),

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from distributed import Client
 
@@ -21,6 +20,7 @@ from mf_dist.registry import model_spec
 from mf_dist.storage.factor_files import FactorTable, TrainResult
 from mf_dist.storage.ingested import IngestResult
 from mf_dist.storage.reader import Embeddings, read_embeddings
+from mf_dist.storage.store import read_table
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def explicit_block_errors(
     holdout_path: str, users: FactorTable, block: int, items: FactorTable, global_mean: float
 ) -> tuple[float, float, int]:
     """(Σ squared error, Σ absolute error, count) of one user block's held-out ratings (runs on a worker)."""
-    held = pq.read_table(holdout_path)
+    held = read_table(holdout_path)
     if held.num_rows == 0:
         return 0.0, 0.0, 0
     start = users.grid.bounds(block)[0]
@@ -115,7 +115,7 @@ def explicit_block_errors(
 
 
 def _liked(path: str, like_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    table = pq.read_table(path)
+    table = read_table(path)
     users, items, ratings = (table[c].to_numpy() for c in ("user", "item", "rating"))
     keep = np.ones(len(users), bool) if like_threshold is None else ratings >= like_threshold
     return users[keep], items[keep]

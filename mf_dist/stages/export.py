@@ -27,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,9 +49,16 @@ from mf_dist.storage.filesystems import (
     storage_errors,
 )
 from mf_dist.storage.ingested import IngestResult
-from mf_dist.storage.publish import fsync_path, move_into_place, publish_run, publish_run_remote
+from mf_dist.storage.publish import (
+    fsync_path,
+    move_into_place,
+    publish_run,
+    publish_run_remote,
+    write_manifest,
+)
 from mf_dist.storage.reader import MANIFEST_FILE
 from mf_dist.storage.schema import FORMAT_VERSION, embedding_table_schema
+from mf_dist.storage.store import delete_prefix, exists, make_dirs, read_table, storage_options_in_use
 from mf_dist.terminal.loss_plot import write_loss_curve_png
 
 # Parts and row groups of about this size: large enough that readers do few
@@ -96,7 +101,7 @@ def write_part(
     """
     start = table.grid.bounds(blocks[0])[0]
     stop = table.grid.bounds(blocks[-1])[1]
-    ids = pq.read_table(
+    ids = read_table(
         id_map_path, columns=[id_column], filters=[("index", ">=", start), ("index", "<", stop)]
     )[id_column]
     vectors, biases = [], []
@@ -121,8 +126,7 @@ def write_part(
             pq.write_table(rows, inside, filesystem=filesystem, row_group_size=len(flat))
         return len(flat)
     pq.write_table(rows, path, row_group_size=len(flat))
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    fsync_path(path)
     return len(flat)
 
 
@@ -165,7 +169,7 @@ def export_tables(
             written.append(_write_table(client, table, train, ingest, output, run_id, config, extra_manifest))
     except OSError as exc:
         for _, partial, _ in written:
-            shutil.rmtree(partial, ignore_errors=True)
+            delete_prefix(partial)
         raise OutputError(f"cannot write the output tables under {output}: {exc}") from exc
     for table_dir, partial, _ in written:
         move_into_place(partial, table_dir / "runs" / run_id)
@@ -185,11 +189,10 @@ def publish_tables(
     object store a run is complete when its manifest is there (written last).
     """
     if is_remote(str(output)):
-        filesystem, _ = resolve(str(output), storage_options)
         for table in tables:
             manifest = join(str(output), table, "runs", run_id, MANIFEST_FILE)
-            with storage_errors(manifest, OutputError):
-                complete = filesystem.exists(resolve(manifest, storage_options)[1])
+            with storage_errors(manifest, OutputError), storage_options_in_use([manifest], storage_options):
+                complete = exists(manifest)
             if not complete:
                 raise OutputError(f"{manifest}: missing; cannot publish run {run_id} of {table}")
         for table in tables:
@@ -197,7 +200,7 @@ def publish_tables(
         return
     for table in tables:
         run_dir = Path(output) / table / "runs" / run_id
-        if not run_dir.is_dir():
+        if not exists(run_dir):
             raise OutputError(f"{run_dir}: missing; cannot publish run {run_id} of {table}")
     for table in tables:
         publish_run(Path(output) / table, run_id)
@@ -351,7 +354,10 @@ def _write_table(
 ) -> tuple[Path, Path, PublishedTable]:
     table_dir = output / table.name
     partial = table_dir / "runs" / f".{run_id}.partial"
-    partial.mkdir(parents=True, exist_ok=False)
+    if exists(partial):
+        # An OSError, as mkdir(exist_ok=False) raised: the caller cleans up and reports it.
+        raise FileExistsError(f"{partial} exists already")
+    make_dirs(partial)
     manifest, published = _write_parts(
         client, table, train, ingest, str(partial), run_id, config, extra_manifest, None
     )
@@ -361,11 +367,7 @@ def _write_table(
         f"{train.model}, rank {train.rank}: {table.name}, run {run_id}",
     )
     fsync_path(loss_curve)
-    manifest_path = partial / MANIFEST_FILE
-    with open(manifest_path, "w") as handle:
-        json.dump(manifest, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_manifest(partial, manifest)
     fsync_path(partial)
     published = published.model_copy(update={"path": str(table_dir / "runs" / run_id)})
     return table_dir, partial, published

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import Client, wait
 
 from mf_dist.blocks import BlockGrid
@@ -37,6 +35,16 @@ from mf_dist.storage.filesystems import common_prefix, is_remote
 from mf_dist.storage.ingested import HOLDOUT_DIR, IngestResult, liked_mask
 from mf_dist.storage.input_files import InputColumns, check_schemas, input_fingerprint, list_input_files
 from mf_dist.storage.schema import INGEST_DIR, RATINGS_SCHEMA, ratings_block_name
+from mf_dist.storage.store import (
+    delete_prefix,
+    exists,
+    join,
+    list_names,
+    make_dirs,
+    read_table,
+    write_bytes,
+    write_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -198,10 +206,10 @@ def index_partition(
     written = []
     for block in np.unique(blocks):
         rows = staged[blocks == block]
-        folder = Path(staging) / f"block-{int(block):05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(
-            pa.Table.from_pandas(rows, preserve_index=False), folder / f"part-{source:06d}.parquet"
+        folder = join(staging, f"block-{int(block):05d}")
+        make_dirs(folder)
+        write_table(
+            pa.Table.from_pandas(rows, preserve_index=False), join(folder, f"part-{source:06d}.parquet")
         )
         written.append(int(block))
     return written
@@ -262,9 +270,9 @@ def finalise_block(
     holdout: HoldoutSplit | None = None,
 ) -> BlockStats:
     """Sort one user block, resolve duplicate pairs by ``policy``, hold out a share, write it, count it."""
-    folder = Path(staging) / f"block-{block:05d}"
-    parts = sorted(folder.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(p) for p in parts]).to_pandas()
+    folder = join(staging, f"block-{block:05d}")
+    parts = [join(folder, name) for name in list_names(folder) if name.endswith(".parquet")]
+    table = pa.concat_tables([read_table(p) for p in parts]).to_pandas()
     user = table["user"].to_numpy()
     item = table["item"].to_numpy()
     rating = table["rating"].to_numpy()
@@ -313,7 +321,7 @@ def finalise_block(
             ],
             schema=RATINGS_SCHEMA,
         )
-        pq.write_table(held_table, Path(output).parent / HOLDOUT_DIR / ratings_block_name(block))
+        write_table(held_table, join(output.rsplit("/", 1)[0], HOLDOUT_DIR, ratings_block_name(block)))
         n_held_out = int(held.sum())
         user, item, rating = user[~held], item[~held], rating[~held]
 
@@ -321,7 +329,7 @@ def finalise_block(
         [pa.array(user, pa.int32()), pa.array(item, pa.int32()), pa.array(rating, pa.float32())],
         schema=RATINGS_SCHEMA,
     )
-    pq.write_table(out, Path(output) / ratings_block_name(block))
+    write_table(out, join(output, ratings_block_name(block)))
 
     liked = liked_mask(rating, like_threshold)
     start = block * block_size
@@ -420,13 +428,13 @@ def ingest_ratings(
         storage_options=storage_options,
     )
     policy = resolve_duplicate_policy(duplicates, columns, timestamp_col)
-    directory = Path(work_dir) / INGEST_DIR
-    if directory.exists():
-        shutil.rmtree(directory)
-    staging = directory / "_staging"
-    ratings_dir = directory / "ratings"
-    ratings_dir.mkdir(parents=True)
-    (directory / HOLDOUT_DIR).mkdir()
+    directory = join(str(work_dir), INGEST_DIR)
+    if exists(directory):
+        delete_prefix(directory)
+    staging = join(directory, "_staging")
+    ratings_dir = join(directory, "ratings")
+    make_dirs(ratings_dir)
+    make_dirs(join(directory, HOLDOUT_DIR))
     split = HoldoutSplit(holdout, seed) if holdout > 0 else None
     try:
         result = _ingest(
@@ -444,10 +452,10 @@ def ingest_ratings(
             storage_options=storage_options,
         )
     except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
+        delete_prefix(directory)
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        delete_prefix(staging)
     return result
 
 
@@ -456,9 +464,9 @@ def _ingest(
     files: list[str],
     columns: InputColumns,
     policy: DuplicatePolicy,
-    directory: Path,
-    staging: Path,
-    ratings_dir: Path,
+    directory: str,
+    staging: str,
+    ratings_dir: str,
     like_threshold: float | None,
     block_size: int,
     holdout: HoldoutSplit | None = None,
@@ -570,7 +578,7 @@ def _ingest(
         np.add.at(item_ratings, block.item_ids, block.item_counts)
         np.add.at(item_likes, block.item_ids, block.item_like_counts)
     _write_id_map(
-        directory / "users.parquet",
+        join(directory, "users.parquet"),
         "user_id",
         user_index,
         columns.user_id_type,
@@ -580,7 +588,7 @@ def _ingest(
         },
     )
     _write_id_map(
-        directory / "items.parquet",
+        join(directory, "items.parquet"),
         "item_id",
         item_index,
         columns.item_id_type,
@@ -589,7 +597,7 @@ def _ingest(
 
     n_ratings = sum(s.n_ratings for s in stats)
     result = IngestResult(
-        directory=str(directory),
+        directory=directory,
         files=files,
         fingerprint=input_fingerprint(files, storage_options),
         n_users=len(user_index),
@@ -609,16 +617,16 @@ def _ingest(
         user_id_type=str(columns.user_id_type),
         item_id_type=str(columns.item_id_type),
     )
-    (directory / "summary.json").write_text(result.model_dump_json(indent=2))
+    write_bytes(join(directory, "summary.json"), result.model_dump_json(indent=2).encode())
     return result
 
 
 def _write_id_map(
-    path: Path, id_name: str, ids: pd.Index, id_type: pa.DataType, counts: dict[str, np.ndarray]
+    path: str, id_name: str, ids: pd.Index, id_type: pa.DataType, counts: dict[str, np.ndarray]
 ) -> None:
     columns = {
         "index": pa.array(np.arange(len(ids), dtype=np.int32)),
         id_name: pa.array(ids.to_numpy(), type=id_type),
     }
     columns.update({name: pa.array(values.astype(np.int64)) for name, values in counts.items()})
-    pq.write_table(pa.table(columns), path)
+    write_table(pa.table(columns), path)

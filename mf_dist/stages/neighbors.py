@@ -22,7 +22,6 @@ Output, published like the embedding tables (see :mod:`mf_dist.stages.export`)::
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -37,7 +36,7 @@ from pydantic import BaseModel
 from mf_dist.errors import ConfigError, OutputError
 from mf_dist.runtime.cluster import compute_device, training_resources
 from mf_dist.stages.export import TARGET_PART_BYTES
-from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
+from mf_dist.storage.publish import fsync_path, new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import read_manifest, resolve_run_dir
 from mf_dist.storage.schema import FORMAT_VERSION, neighbors_table_schema
 
@@ -185,8 +184,7 @@ def write_neighbors_part(
         schema=schema,
     )
     pq.write_table(table, path, row_group_size=table.num_rows)
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    fsync_path(path)
     return table.num_rows
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,9 +55,10 @@ from mf_dist.runtime.cluster import compute_device, training_resources
 from mf_dist.stages.export import TARGET_PART_BYTES
 from mf_dist.stages.neighbors import group_consecutive, load_ids, plan_blocks
 from mf_dist.storage.ingested import IngestResult, liked_mask, load_ingest_result
-from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
+from mf_dist.storage.publish import fsync_path, new_run_id, publish_run, staged_run, write_manifest
 from mf_dist.storage.reader import read_manifest, resolve_run_dir
 from mf_dist.storage.schema import FORMAT_VERSION, recommendations_table_schema
+from mf_dist.storage.store import read_table
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class Seen(NamedTuple):
 
 def load_part(path: str, rank: int) -> Vectors:
     """The embedding (and bias, if any) columns of one part file."""
-    table = pq.read_table(path)
+    table = read_table(path)
     column = table["embedding"].combine_chunks()
     vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, rank)
     if "bias" in table.column_names:
@@ -229,7 +229,7 @@ def load_seen(paths: list[str], rows: np.ndarray, like_threshold: float | None) 
     """
     positions, items = [], []
     for path in paths:
-        table = pq.read_table(path)
+        table = read_table(path)
         user = table["user"].to_numpy()
         item = table["item"].to_numpy()
         rating = table["rating"].to_numpy()
@@ -433,8 +433,7 @@ def write_recommendations_part(
         schema=schema,
     )
     pq.write_table(table, path, row_group_size=max(1, table.num_rows))
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    fsync_path(path)
     return table.num_rows, short
 
 

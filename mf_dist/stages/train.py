@@ -10,7 +10,6 @@ the work directory, runs the epoch loop with per-epoch checkpoints under
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from mf_dist.storage.checkpoints import CheckpointStore, load_blocks, save_row_b
 from mf_dist.storage.factor_files import EpochRecord, FactorTable, TrainResult
 from mf_dist.storage.ingested import IngestResult, load_ingest_result
 from mf_dist.storage.schema import TRAIN_DIR
+from mf_dist.storage.store import delete_prefix, join
 from mf_dist.storage.warm_start import align_published_table
 from mf_dist.trainers.epoch_loop import run_epochs
 
@@ -52,7 +52,7 @@ def _warm_start(
     settings: TrainSettings,
     ingest: IngestResult,
     layouts: dict[str, FactorTable],
-    directory: Path,
+    directory: str,
     resources: dict[str, float] | None,
 ) -> dict[str, list[Future]]:
     assert settings.init_from is not None
@@ -63,7 +63,7 @@ def _warm_start(
         id_map = TABLE_ID_MAPS[name]
         aligned = align_published_table(
             settings.init_from,
-            layout.model_copy(update={"directory": str(directory / name)}),
+            layout.model_copy(update={"directory": join(directory, name)}),
             getattr(ingest, id_map.path_attribute),
             id_map.id_column,
             settings.seed,
@@ -87,18 +87,18 @@ def train_factors(
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> TrainResult:
     """Train ``settings.model`` with ``settings.solver``; returns the loss history and factor tables."""
-    work_dir = Path(work_dir)
+    work_dir = str(work_dir)
     ingest = load_ingest_result(work_dir)
     _check(settings, ingest)
     resources = training_resources(client)
-    store = CheckpointStore(work_dir / CHECKPOINT_DIR / settings.model, settings)
+    store = CheckpointStore(join(work_dir, CHECKPOINT_DIR, settings.model), settings)
     resumed = store.latest() if settings.resume else None
     if settings.resume and resumed is None:
         logger.info("--resume: no checkpoint under %s, starting from epoch 1", store.directory)
     if not settings.resume:
         store.clear()
-    directory = work_dir / TRAIN_DIR / settings.model
-    shutil.rmtree(directory, ignore_errors=True)
+    directory = join(work_dir, TRAIN_DIR, settings.model)
+    delete_prefix(directory)
 
     initial: dict[str, list[Future]] | None = None
     if resumed is not None:
@@ -107,7 +107,9 @@ def train_factors(
     model = build(client, work_dir, ingest, settings, resources, initial)
     if resumed is None and settings.init_from:
         layouts = {name: layout for name, (layout, _) in model.factor_blocks().items()}
-        warm = _warm_start(client, settings, ingest, layouts, work_dir / TRAIN_DIR / "warm_start", resources)
+        warm = _warm_start(
+            client, settings, ingest, layouts, join(work_dir, TRAIN_DIR, "warm_start"), resources
+        )
         model = build(client, work_dir, ingest, settings, resources, warm)
 
     outcome = run_epochs(
@@ -123,7 +125,7 @@ def train_factors(
     tables = []
     saves = []
     for name, (layout, blocks) in model.factor_blocks().items():
-        table = layout.model_copy(update={"directory": str(directory / name)})
+        table = layout.model_copy(update={"directory": join(directory, name)})
         tables.append(table)
         saves += [client.submit(save_row_block, table, b, rows) for b, rows in enumerate(blocks)]
     client.gather(saves)

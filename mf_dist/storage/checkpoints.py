@@ -9,7 +9,10 @@ Layout under ``<work>/checkpoints/<model>/``::
 
 An epoch is written under ``.epoch-00007.partial/`` and renamed when complete;
 ``checkpoint.json`` is written last and fsynced, so a directory without it is
-debris from a crash and is ignored. The blocks of epoch e are saved by worker
+debris from a crash and is ignored. On an object store (a work directory
+URL) there is no rename: the epoch is written straight under
+``epoch-00007/``, and its ``checkpoint.json``, written last, is what makes
+it complete. The blocks of epoch e are saved by worker
 tasks while epoch e + 1 runs, and epoch e is published (JSON, rename) when
 e + 1 asks for its own checkpoint or the loop ends: waiting for the saves
 after every epoch idled the workers for a fifth of a short epoch. A crash
@@ -21,7 +24,6 @@ nothing read back is unpickled.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,17 @@ from mf_dist.blocks import OptimizerState, RowBlock
 from mf_dist.errors import ConfigError
 from mf_dist.settings import TrainSettings
 from mf_dist.storage.factor_files import EpochRecord, FactorTable, write_factor_block
+from mf_dist.storage.store import (
+    delete_prefix,
+    exists,
+    is_remote,
+    join,
+    list_names,
+    load_arrays,
+    read_bytes,
+    save_arrays,
+    write_bytes,
+)
 
 CHECKPOINT_FILE = "checkpoint.json"
 
@@ -55,20 +68,18 @@ def save_row_block(table: FactorTable, block: int, rows: RowBlock) -> None:
                 arrays[f"{index}.{name}.{kind}"] = np.asarray(
                     value.numpy() if isinstance(value, torch.Tensor) else value
                 )
-        np.savez(Path(table.directory) / f"block-{block:05d}.state.npz", **arrays)
+        save_arrays(join(table.directory, f"block-{block:05d}.state.npz"), arrays)
 
 
 def load_row_block(table: FactorTable, block: int) -> RowBlock:
     """Read one row block written by :func:`save_row_block` (runs on a worker)."""
     vectors, bias = table.read_block(block)
     state: OptimizerState = {}
-    state_path = Path(table.directory) / f"block-{block:05d}.state.npz"
-    if state_path.exists():
-        with np.load(state_path, allow_pickle=False) as arrays:
-            for key in arrays.files:
-                index, name, kind = key.split(".")
-                value: Any = torch.from_numpy(arrays[key].copy()) if kind == "tensor" else int(arrays[key])
-                state.setdefault(int(index), {})[name] = value
+    arrays = load_arrays(join(table.directory, f"block-{block:05d}.state.npz"))
+    for key, array in (arrays or {}).items():
+        index, name, kind = key.split(".")
+        value: Any = torch.from_numpy(array.copy()) if kind == "tensor" else int(array)
+        state.setdefault(int(index), {})[name] = value
     return RowBlock(
         vectors=torch.from_numpy(vectors.copy()),
         bias=None if bias is None else torch.from_numpy(bias.copy()),
@@ -102,23 +113,23 @@ class PendingCheckpoint:
     history: list[EpochRecord]
     tables: list[FactorTable]
     saves: list[Future]
-    partial: Path
+    partial: str
 
 
 class CheckpointStore:
-    """The checkpoints of one model's training under ``<work>/checkpoints/<model>``."""
+    """The checkpoints of one model's training under ``<work>/checkpoints/<model>`` (a path or URL)."""
 
-    def __init__(self, directory: Path, settings: TrainSettings, keep: int = 2) -> None:
-        self.directory = directory
+    def __init__(self, directory: str | Path, settings: TrainSettings, keep: int = 2) -> None:
+        self.directory = str(directory)
         self.settings = settings
         self.keep = keep
         self._pending: PendingCheckpoint | None = None
 
-    def _epoch_dir(self, epoch: int) -> Path:
-        return self.directory / f"epoch-{epoch:05d}"
+    def _epoch_dir(self, epoch: int) -> str:
+        return join(self.directory, f"epoch-{epoch:05d}")
 
     def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        delete_prefix(self.directory)
 
     def write(
         self,
@@ -133,12 +144,15 @@ class CheckpointStore:
         completed by the next call or by :meth:`complete`.
         """
         self.complete()
-        partial = self.directory / f".epoch-{epoch:05d}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        # No rename on an object store: the epoch is written in place, and
+        # is complete once checkpoint.json is there.
+        remote = is_remote(self.directory)
+        partial = self._epoch_dir(epoch) if remote else join(self.directory, f".epoch-{epoch:05d}.partial")
+        delete_prefix(partial)
         tables = []
         saves = []
         for name, (layout, futures) in blocks.items():
-            table = layout.model_copy(update={"directory": str(partial / name)})
+            table = layout.model_copy(update={"directory": join(partial, name)})
             tables.append(table)
             # Below the next epoch's updates, which become ready at the same
             # moment: the saves fill the gaps instead of delaying a half-step.
@@ -158,25 +172,25 @@ class CheckpointStore:
             epoch=pending.epoch,
             history=pending.history,
             settings=self.settings.model_dump(mode="json"),
-            tables=[t.model_copy(update={"directory": str(final / t.name)}) for t in pending.tables],
+            tables=[t.model_copy(update={"directory": join(final, t.name)}) for t in pending.tables],
         )
-        with open(pending.partial / CHECKPOINT_FILE, "w") as handle:
-            handle.write(checkpoint.model_dump_json(indent=1))
-            handle.flush()
-            os.fsync(handle.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(pending.partial, final)
-        _fsync_directory(self.directory)
+        write_bytes(
+            join(pending.partial, CHECKPOINT_FILE),
+            checkpoint.model_dump_json(indent=1).encode(),
+            durable=True,
+        )
+        if not is_remote(self.directory):
+            delete_prefix(final)
+            os.rename(pending.partial, final)
+            _fsync_directory(Path(self.directory))
         for old in self.completed_epochs()[: -self.keep]:
-            shutil.rmtree(self._epoch_dir(old), ignore_errors=True)
+            delete_prefix(self._epoch_dir(old))
 
     def completed_epochs(self) -> list[int]:
-        if not self.directory.exists():
-            return []
         return sorted(
-            int(path.name.removeprefix("epoch-"))
-            for path in self.directory.glob("epoch-*")
-            if (path / CHECKPOINT_FILE).exists()
+            int(name.removeprefix("epoch-"))
+            for name in list_names(self.directory)
+            if name.startswith("epoch-") and exists(join(self.directory, name, CHECKPOINT_FILE))
         )
 
     def latest(self) -> Checkpoint | None:
@@ -184,8 +198,8 @@ class CheckpointStore:
         epochs = self.completed_epochs()
         if not epochs:
             return None
-        path = self._epoch_dir(epochs[-1]) / CHECKPOINT_FILE
-        checkpoint = Checkpoint.model_validate_json(path.read_text())
+        path = join(self._epoch_dir(epochs[-1]), CHECKPOINT_FILE)
+        checkpoint = Checkpoint.model_validate_json(read_bytes(path))
         current = self.settings.model_dump(mode="json")
         changed = sorted(
             key

@@ -7,13 +7,13 @@ biases, ``block-00003.bias.npy`` (float32, rows). Loaded with
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
 from mf_dist.blocks import BlockGrid
+from mf_dist.storage.store import join, load_array, make_dirs, save_array
 
 
 class FactorTable(BaseModel):
@@ -30,26 +30,26 @@ class FactorTable(BaseModel):
     def grid(self) -> BlockGrid:
         return BlockGrid(self.n_rows, self.block_size)
 
-    def embedding_path(self, block: int) -> Path:
-        return Path(self.directory) / f"block-{block:05d}.embedding.npy"
+    def embedding_path(self, block: int) -> str:
+        return join(self.directory, f"block-{block:05d}.embedding.npy")
 
-    def bias_path(self, block: int) -> Path:
-        return Path(self.directory) / f"block-{block:05d}.bias.npy"
+    def bias_path(self, block: int) -> str:
+        return join(self.directory, f"block-{block:05d}.bias.npy")
 
     def read_block(self, block: int) -> tuple[np.ndarray, np.ndarray | None]:
-        vectors = np.load(self.embedding_path(block), allow_pickle=False)
-        bias = np.load(self.bias_path(block), allow_pickle=False) if self.has_bias else None
+        vectors = load_array(self.embedding_path(block))
+        bias = load_array(self.bias_path(block)) if self.has_bias else None
         return vectors, bias
 
 
 def write_factor_block(table: FactorTable, block: int, vectors: np.ndarray, bias: np.ndarray | None) -> None:
     """Write one row block of ``table`` (float32)."""
-    Path(table.directory).mkdir(parents=True, exist_ok=True)
-    np.save(table.embedding_path(block), np.ascontiguousarray(vectors, dtype=np.float32))
+    make_dirs(table.directory)
+    save_array(table.embedding_path(block), np.ascontiguousarray(vectors, dtype=np.float32))
     if table.has_bias:
         if bias is None:
             raise ValueError(f"table {table.name} has biases but block {block} has none")
-        np.save(table.bias_path(block), np.ascontiguousarray(bias, dtype=np.float32))
+        save_array(table.bias_path(block), np.ascontiguousarray(bias, dtype=np.float32))
 
 
 class EpochRecord(BaseModel):

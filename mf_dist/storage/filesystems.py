@@ -105,6 +105,11 @@ def bucket_of(url: str) -> str:
     return rest.split("/", 1)[0].split("@", 1)[0]
 
 
+def root_of(url: str) -> str:
+    """``scheme://bucket`` of an object-store URL (the unit its storage options apply to)."""
+    return f"{scheme_of(url)}://{bucket_of(url)}"
+
+
 def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path on it) of a path or URL; a plain path is on the local filesystem.
 

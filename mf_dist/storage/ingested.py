@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from mf_dist.blocks import BlockGrid
 from mf_dist.storage.schema import INGEST_DIR, ratings_block_name
+from mf_dist.storage.store import join, read_bytes
 
 HOLDOUT_DIR = "holdout"
 
@@ -42,12 +43,12 @@ class IngestResult(BaseModel):
     item_id_type: str
 
     @property
-    def users_path(self) -> Path:
-        return Path(self.directory) / "users.parquet"
+    def users_path(self) -> str:
+        return join(self.directory, "users.parquet")
 
     @property
-    def items_path(self) -> Path:
-        return Path(self.directory) / "items.parquet"
+    def items_path(self) -> str:
+        return join(self.directory, "items.parquet")
 
     @property
     def user_grid(self) -> BlockGrid:
@@ -57,12 +58,12 @@ class IngestResult(BaseModel):
     def item_grid(self) -> BlockGrid:
         return BlockGrid(self.n_items, self.block_size)
 
-    def ratings_path(self, user_block: int) -> Path:
-        return Path(self.directory) / "ratings" / ratings_block_name(user_block)
+    def ratings_path(self, user_block: int) -> str:
+        return join(self.directory, "ratings", ratings_block_name(user_block))
 
-    def holdout_path(self, user_block: int) -> Path:
+    def holdout_path(self, user_block: int) -> str:
         """The held-out ratings of one user block (empty unless ``holdout`` > 0)."""
-        return Path(self.directory) / HOLDOUT_DIR / ratings_block_name(user_block)
+        return join(self.directory, HOLDOUT_DIR, ratings_block_name(user_block))
 
 
 def liked_mask(ratings: np.ndarray, like_threshold: float | None) -> np.ndarray:
@@ -73,6 +74,7 @@ def liked_mask(ratings: np.ndarray, like_threshold: float | None) -> np.ndarray:
 
 
 def load_ingest_result(work_dir: str | Path) -> IngestResult:
-    """Read the summary an earlier ingest wrote."""
-    path = Path(work_dir) / INGEST_DIR / "summary.json"
-    return IngestResult.model_validate(json.loads(path.read_text()))
+    """Read the summary an earlier ingest wrote (``work_dir``: a path or URL)."""
+    return IngestResult.model_validate(
+        json.loads(read_bytes(join(str(work_dir), INGEST_DIR, "summary.json")))
+    )

@@ -55,6 +55,8 @@ from typing import Any
 
 from mf_dist.errors import OutputError
 from mf_dist.storage.filesystems import check_bucket, is_remote, join, local_path, resolve, storage_errors
+from mf_dist.storage.reader import MANIFEST_FILE
+from mf_dist.storage.store import delete_prefix, exists, list_names, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -212,38 +214,56 @@ def exclusive_run(
 ) -> Iterator[None]:
     """Hold the locks a pipeline run needs: its output, and its work directory when that is elsewhere.
 
-    For an output URL: check its bucket, and lock the (local) work directory only.
+    Each is a lock object on an object store (after checking its bucket), a
+    flocked directory otherwise; a work directory inside the output is
+    covered by the output's lock. On an object store, taking the lock is
+    itself a write under the output; the work directory gets a write probe
+    as well (:func:`probe_writable`), so a denied write fails here, before
+    any work, not at the first checkpoint an hour later.
     """
-    if is_remote(output):
-        check_bucket(str(output), storage_options, OutputError)
-        with (
-            exclusive_object_store(str(output), purpose, storage_options),
-            exclusive_directory(work_dir, purpose),
-        ):
-            yield
-        return
-    output = Path(local_path(output))
-    work_dir = Path(work_dir)
-    with exclusive_directory(output, purpose):
-        if work_dir.resolve().is_relative_to(output.resolve()):
-            yield
-            return
-        with exclusive_directory(work_dir, purpose):
-            yield
+    with contextlib.ExitStack() as held:
+        for index, location in enumerate((str(output), str(work_dir))):
+            if index == 1 and _inside(str(work_dir), str(output)):
+                if is_remote(location):
+                    probe_writable(location, storage_options)
+                break
+            if is_remote(location):
+                check_bucket(location, storage_options, OutputError)
+                held.enter_context(exclusive_object_store(location, purpose, storage_options))
+            else:
+                held.enter_context(exclusive_directory(Path(local_path(location)), purpose))
+        yield
 
 
-def remove_debris(output: str | Path) -> list[Path]:
+def probe_writable(location: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write and delete a tiny object under ``location``; :class:`OutputError` (one line) when denied."""
+    filesystem, root = resolve(location, storage_options)
+    probe = join(root, f".mf-dist-write-probe-{secrets.token_hex(4)}")
+    with storage_errors(location, OutputError):
+        filesystem.pipe_file(probe, b"")
+        filesystem.rm_file(probe)
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """Whether location ``inner`` is ``outer`` or below it (both paths, or both URLs)."""
+    if is_remote(inner) or is_remote(outer):
+        return is_remote(inner) and (inner.rstrip("/") + "/").startswith(outer.rstrip("/") + "/")
+    return Path(inner).resolve().is_relative_to(Path(local_path(outer)).resolve())
+
+
+def remove_debris(output: str | Path) -> list[Path | str]:
     """Delete what killed writers left in the tables under ``output``; returns what was removed.
 
-    Only call it while holding :func:`exclusive_directory` on ``output``:
+    Only call it while holding :func:`exclusive_run` on ``output``:
     then every ``runs/.<id>.partial`` directory and ``.LATEST.*.tmp`` file
     belongs to a run that is no longer alive. Complete runs (``runs/<id>/``)
-    are never touched, published or not.
+    are never touched, published or not. On an object store (no rename) the
+    debris is a ``runs/<id>/`` prefix without its manifest (written last),
+    other than the run ``LATEST`` names: see :func:`_remove_remote_debris`.
     """
-    removed: list[Path] = []
     if is_remote(output):
-        # Unpublished runs on an object store are never read (no LATEST names them); left as they are.
-        return removed
+        return list(_remove_remote_debris(str(output)))
+    removed: list[Path | str] = []
     output = Path(local_path(output))
     if not output.is_dir():
         return removed
@@ -259,6 +279,33 @@ def remove_debris(output: str | Path) -> list[Path]:
             "removed %d leftover(s) of interrupted runs under %s: %s",
             len(removed),
             output,
-            ", ".join(str(path.relative_to(output)) for path in removed),
+            ", ".join(str(Path(path).relative_to(output)) for path in removed),
         )
+    return removed
+
+
+def _remove_remote_debris(output: str) -> list[str]:
+    """:func:`remove_debris` on an object store: ``runs/<id>/`` prefixes without a manifest.
+
+    The lock is held, so no live run is writing one of them; the run named by
+    ``LATEST`` is kept whatever it holds (a reader may be following it).
+    """
+    removed: list[str] = []
+    with storage_errors(output, OutputError):
+        for table in list_names(output):
+            runs = join(output, table, "runs")
+            run_ids = list_names(runs)
+            if not run_ids:
+                continue
+            try:
+                current = read_bytes(join(output, table, "LATEST")).decode().strip()
+            except FileNotFoundError:
+                current = None
+            for run_id in run_ids:
+                run = join(runs, run_id)
+                if run_id != current and not exists(join(run, MANIFEST_FILE)):
+                    delete_prefix(run)
+                    removed.append(run)
+    if removed:
+        logger.info("removed %d leftover(s) of interrupted runs: %s", len(removed), ", ".join(removed))
     return removed

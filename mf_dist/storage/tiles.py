@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from pydantic import BaseModel
 
 from mf_dist.blocks import BlockGrid
 from mf_dist.storage.schema import COOCCURRENCE_DIR
+from mf_dist.storage.store import join, load_array, read_bytes, read_table
 
 
 class TileInfo(BaseModel):
@@ -45,20 +45,20 @@ class CooccurrenceResult(BaseModel):
         return BlockGrid(self.n_items, self.block_size)
 
     @property
-    def diagonal_path(self) -> Path:
-        return Path(self.directory) / "diagonal.parquet"
+    def diagonal_path(self) -> str:
+        return join(self.directory, "diagonal.parquet")
 
 
 def load_tile(info: TileInfo, shape: tuple[int, int]) -> sp.csr_matrix | np.ndarray:
     """Read a stored tile back: a dense int32 array or a CSR matrix."""
     if info.layout == "dense":
-        return np.load(info.path, allow_pickle=False)
-    table = pq.read_table(info.path)
+        return load_array(info.path)
+    table = read_table(info.path)
     return sp.csr_matrix(
         (table["count"].to_numpy(), (table["row"].to_numpy(), table["col"].to_numpy())), shape=shape
     )
 
 
 def load_cooccurrence_result(work_dir: str | Path) -> CooccurrenceResult:
-    path = Path(work_dir) / COOCCURRENCE_DIR / "summary.json"
-    return CooccurrenceResult.model_validate(json.loads(path.read_text()))
+    path = join(str(work_dir), COOCCURRENCE_DIR, "summary.json")
+    return CooccurrenceResult.model_validate(json.loads(read_bytes(path)))

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from mf_dist.errors import ConfigError
 from mf_dist.storage.factor_files import FactorTable, block_seed, write_factor_block
 from mf_dist.storage.schema import FORMAT_VERSION
+from mf_dist.storage.store import is_remote, join, read_bytes, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +28,26 @@ PublishedFactors = tuple[pd.Series, np.ndarray, np.ndarray | None, dict]
 
 
 def read_published(output: str, table: str) -> PublishedFactors | None:
-    """ids, vectors (n × k float32), biases or None and the manifest of the current run of a table."""
-    latest = Path(output) / table / "LATEST"
-    if not latest.exists():
+    """ids, vectors (n × k float32), biases or None and the manifest of the current run of a table.
+
+    ``output`` is a path or a URL.
+    """
+    try:
+        run_id = read_bytes(join(output, table, "LATEST")).decode().strip()
+    except FileNotFoundError:
         return None
-    run = Path(output) / table / "runs" / latest.read_text().strip()
-    manifest = json.loads((run / "_manifest.json").read_text())
+    run = join(output, table, "runs", run_id)
+    manifest = json.loads(read_bytes(join(run, "_manifest.json")))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
             f"--init-from {output}: {run} has table format {manifest.get('format_version')}, "
             f"this version reads {FORMAT_VERSION}"
         )
-    data = pq.read_table(run)
+    if is_remote(run):
+        # No directory listing to trust on a store: the manifest names the parts.
+        data = pa.concat_tables([read_table(join(run, entry["name"])) for entry in manifest["files"]])
+    else:
+        data = read_table(run)
     id_column = manifest["id_column"]
     vectors = data["embedding"].combine_chunks().flatten().to_numpy().reshape(len(data), -1)
     bias = data["bias"].to_numpy() if "bias" in data.column_names else None
@@ -49,7 +57,7 @@ def read_published(output: str, table: str) -> PublishedFactors | None:
 def align_published_table(
     output: str,
     layout: FactorTable,
-    id_map_path: Path,
+    id_map_path: str,
     id_column: str,
     seed: int,
     side: int,
@@ -67,7 +75,7 @@ def align_published_table(
             f"--init-from {output}: table {layout.name} has rank {vectors.shape[1]} but this run has "
             f"rank {layout.rank}; use --rank {vectors.shape[1]} or start without --init-from"
         )
-    today = pq.read_table(id_map_path, columns=["index", id_column]).to_pandas()
+    today = read_table(id_map_path, columns=["index", id_column]).to_pandas()
     position = pd.Series(np.arange(len(ids)), index=pd.Index(ids))
     matched = position.reindex(today[id_column].to_numpy()).to_numpy()
     found = ~np.isnan(matched)

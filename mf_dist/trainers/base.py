@@ -71,7 +71,7 @@ class TrainingInputs:
     """What the train stage hands a trainer: the arguments of :meth:`Trainer.build`."""
 
     client: Client
-    work_dir: Path
+    work_dir: str
     ingest: IngestResult
     settings: TrainSettings
     resources: Resources
@@ -110,7 +110,7 @@ class Trainer(ABC):
         without waiting for them, except where a trainer needs a number from
         the data to start (a scale, a norm).
         """
-        inputs = TrainingInputs(client, Path(work_dir), ingest, settings, resources, initial or {})
+        inputs = TrainingInputs(client, str(work_dir), ingest, settings, resources, initial or {})
         return cls._variant(settings)(inputs)
 
     @classmethod

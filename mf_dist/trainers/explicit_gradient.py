@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 
-import pyarrow.parquet as pq
 import torch
 from distributed import Future
 
@@ -26,6 +25,7 @@ from mf_dist.models import explicit as objective
 from mf_dist.runtime.cluster import compute_device
 from mf_dist.solvers.gradient import sparse_adam_pass
 from mf_dist.storage.factor_files import block_seed
+from mf_dist.storage.store import read_table
 from mf_dist.trainers.base import TrainingInputs, UserItemTrainer
 from mf_dist.trainers.epoch_loop import Measurement
 from mf_dist.trainers.tasks import pick
@@ -37,7 +37,7 @@ RatingsBlock = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def load_ratings_blocks(path: str, user_start: int, item_grid: BlockGrid) -> list[RatingsBlock]:
     """One user block's ratings cut by item block: (user row, item row, rating) per block."""
-    table = pq.read_table(path)
+    table = read_table(path)
     users = torch.from_numpy(table["user"].to_numpy().astype("int64")) - user_start
     items = torch.from_numpy(table["item"].to_numpy().astype("int64"))
     # Arrow's buffer is read-only, and torch warns on every run about a tensor over one.

@@ -39,7 +39,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from distributed import Future
 
@@ -48,6 +47,7 @@ from mf_dist.models import nmf as objective
 from mf_dist.runtime.cluster import compute_device
 from mf_dist.solvers.rows import gram
 from mf_dist.storage.ingested import IngestResult
+from mf_dist.storage.store import read_table
 from mf_dist.storage.tiles import CooccurrenceResult, load_cooccurrence_result
 from mf_dist.trainers.base import TaskSubmitter, Trainer, TrainingInputs
 from mf_dist.trainers.cooccurrence_tiles import (
@@ -63,9 +63,7 @@ from mf_dist.trainers.tasks import pick, sum_picked, sum_tensors
 
 def read_diagonal_block(path: str, start: int, stop: int) -> torch.Tensor:
     """The like counts X_ii of items [start, stop) as float32 (runs on a worker)."""
-    table = pq.read_table(
-        path, columns=["item", "count"], filters=[("item", ">=", start), ("item", "<", stop)]
-    )
+    table = read_table(path, columns=["item", "count"], filters=[("item", ">=", start), ("item", "<", stop)])
     order = np.argsort(table["item"].to_numpy())
     return torch.from_numpy(table["count"].to_numpy()[order].astype(np.float32))
 

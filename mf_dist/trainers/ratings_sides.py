@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from distributed import Client, Future
 from torch import Tensor
@@ -32,6 +31,7 @@ from torch import Tensor
 from mf_dist.blocks import BlockGrid, row_pieces
 from mf_dist.errors import ConfigError
 from mf_dist.storage.ingested import IngestResult, liked_mask
+from mf_dist.storage.store import read_schema, read_table
 from mf_dist.trainers.base import TaskSubmitter
 from mf_dist.trainers.piece_placement import least_loaded_placement
 from mf_dist.trainers.tasks import pick
@@ -73,7 +73,7 @@ def _sorted_entries(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_ro
 
 def read_user_block(path: str, user_start: int, n_rows: int, like_threshold: float | None) -> SideEntries:
     """A user block's entries (all of them, or only the liked ones when ``like_threshold`` is set)."""
-    table = pq.read_table(path)
+    table = read_table(path)
     users, items, ratings = (table[name].to_numpy() for name in ("user", "item", "rating"))
     if like_threshold is not None:
         # The rule ingest counted the likes by, so the plan's counts are these entries'.
@@ -139,13 +139,13 @@ def row_entry_counts(ingest: IngestResult, *, liked_only: bool) -> tuple[np.ndar
     column = "n_likes" if liked_only else "n_ratings"
     counts = []
     for path in (ingest.users_path, ingest.items_path):
-        names = pq.read_schema(path).names
+        names = read_schema(path).names
         if column not in names:
             raise ConfigError(
                 f"{path} has no {column!r} column: it was written by an older mf-dist; "
                 "run the ingest stage again (mf-dist run does when the code has changed)"
             )
-        counts.append(pq.read_table(path, columns=[column])[column].to_numpy().astype(np.int64))
+        counts.append(read_table(path, columns=[column])[column].to_numpy().astype(np.int64))
     return counts[0], counts[1]
 
 

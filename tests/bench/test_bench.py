@@ -119,6 +119,8 @@ def assert_quality_agrees(suite: str, ours: float, reference: float) -> None:
         ),
         # A whole `mf-dist run` (Prefect flow) in a subprocess: about 40 s here. No reference.
         pytest.param("end-to-end", marks=pytest.mark.slow),
+        # The same run on a loopback S3 server beside it on local disk: about 4 minutes here.
+        pytest.param("end-to-end-s3", marks=pytest.mark.slow),
     ],
 )
 def test_bench_suite_runs_both_sides_and_writes_json(suite, tmp_path):

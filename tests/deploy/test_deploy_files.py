@@ -35,6 +35,7 @@ ENVIRONMENT = {
     "MF_DIST_INPUT": "/data/ratings",
     "MF_DIST_OUTPUT": "/data/mf-dist",
     "MF_DIST_IMAGE": "registry.example.com/mf-dist:0.1.0",
+    "MF_DIST_STORE": "s3://example-bucket/mf-dist",
 }
 
 
@@ -93,7 +94,9 @@ def test_serving_reports_what_is_missing():
 # -------------------------------------------------------------- Kubernetes
 
 
-@pytest.mark.parametrize("name", ["storage.yaml", "flow-rbac.yaml", "prefect-worker.yaml"])
+@pytest.mark.parametrize(
+    "name", ["storage.yaml", "shared-volume.yaml", "flow-rbac.yaml", "prefect-worker.yaml"]
+)
 def test_kubernetes_manifests_are_valid_objects(name):
     for document in manifests(name):
         check_object(document)
@@ -126,14 +129,38 @@ def test_names_agree_across_the_kubernetes_files():
     )
     assert variables["service_account_name"]["default"] == flow_account["metadata"]["name"]
 
-    [claim] = [d for d in manifests("storage.yaml") if d["kind"] == "PersistentVolumeClaim"]
-    cluster = kubernetes["parameters"]["config"]["cluster"]["kubernetes"]
-    assert (
-        cluster["data_volume_claim"] == claim["metadata"]["name"] == variables["data_volume_claim"]["default"]
+    # The default: everything on the object store, nothing mounted, workers with their own identity.
+    config = RunConfig.model_validate(kubernetes["parameters"]["config"])
+    assert all(
+        location.startswith("s3://example-bucket/")
+        for location in (config.input, config.output, config.work_location)
     )
-    assert cluster["data_mount_path"] == variables["data_mount_path"]["default"]
-    assert kubernetes["parameters"]["config"]["input"].startswith(cluster["data_mount_path"] + "/")
+    assert variables["volumes"]["default"] == variables["volume_mounts"]["default"] == []
+    assert "volumes" not in kubernetes["work_pool"]["job_variables"]
+    [worker_account] = [d for d in manifests("storage.yaml") if d["kind"] == "ServiceAccount"]
+    assert config.cluster.kubernetes.service_account == worker_account["metadata"]["name"]
+    assert config.cluster.kubernetes.data_volume_claim is None
+    [standing] = manifests("daskcluster.yaml")
+    for role in ("worker", "scheduler"):
+        assert standing["spec"][role]["spec"]["serviceAccountName"] == worker_account["metadata"]["name"]
+    assert "volumes" not in standing["spec"]["worker"]["spec"]
+
+    # The alternative: one ReadWriteMany claim, mounted at the same path in the flow pod and the workers.
+    shared = deployments()["nightly-cooccurrence-shared-volume"]
+    [claim] = manifests("shared-volume.yaml")
+    cluster = shared["parameters"]["config"]["cluster"]["kubernetes"]
+    job = shared["work_pool"]["job_variables"]
+    [volume] = job["volumes"]
+    [mount] = job["volume_mounts"]
+    assert (
+        cluster["data_volume_claim"]
+        == claim["metadata"]["name"]
+        == volume["persistentVolumeClaim"]["claimName"]
+    )
+    assert cluster["data_mount_path"] == mount["mountPath"] and mount["name"] == volume["name"]
+    assert shared["parameters"]["config"]["input"].startswith(cluster["data_mount_path"] + "/")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert job["service_account_name"] == flow_account["metadata"]["name"]
 
     [role] = [d for d in manifests("flow-rbac.yaml") if d["kind"] == "Role"]
     dask_rule = next(rule for rule in role["rules"] if "kubernetes.dask.org" in rule["apiGroups"])

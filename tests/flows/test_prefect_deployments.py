@@ -193,13 +193,34 @@ def test_served_deployment_runs_without_a_work_pool(prefect_server, tmp_path, ti
         assert (manifest["model"], manifest["table"]) == ("explicit", table)
 
 
-def test_kubernetes_deployment_renders_a_valid_job(prefect_server):
-    """The Kubernetes variant: registered on a kubernetes pool with our job template, rendered, checked."""
+SHARED_VOLUME = (
+    [{"name": "data", "persistentVolumeClaim": {"claimName": "mf-dist-data"}}],
+    [{"name": "data", "mountPath": "/data"}],
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "volumes"),
+    [
+        # The default: input, work and output on an object store, nothing mounted.
+        ("nightly-cooccurrence-kubernetes", ([], [])),
+        ("nightly-cooccurrence-shared-volume", SHARED_VOLUME),
+    ],
+)
+def test_kubernetes_deployment_renders_a_valid_job(prefect_server, name, volumes):
+    """The Kubernetes variants: registered on a kubernetes pool with our job template, rendered, checked."""
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     template = REPO / "deploy" / "kubernetes" / "base-job-template.json"
     prefect_server.cli(
-        "work-pool", "create", "mf-dist-kubernetes", "--type", "kubernetes", "--base-job-template", template
+        "work-pool",
+        "create",
+        "mf-dist-kubernetes",
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        template,
+        "--overwrite",
     )
     image = "registry.example.com/mf-dist:0.1.0"
     prefect_server.cli(
@@ -208,10 +229,10 @@ def test_kubernetes_deployment_renders_a_valid_job(prefect_server):
         "--prefect-file",
         "deploy/prefect.yaml",
         "--name",
-        "nightly-cooccurrence-kubernetes",
-        env={"MF_DIST_IMAGE": image},
+        name,
+        env={"MF_DIST_IMAGE": image, "MF_DIST_STORE": "s3://example-bucket/mf-dist"},
     )
-    deployment = read_deployment("nightly-cooccurrence-kubernetes")
+    deployment = read_deployment(name)
     # Created, never executed: no worker polls this pool here.
     flow_run = run_deployment(deployment.id, timeout=0, as_subflow=False)
 
@@ -234,8 +255,7 @@ def test_kubernetes_deployment_renders_a_valid_job(prefect_server):
     assert container["image"] == image
     assert pod["serviceAccountName"] == "mf-dist-flow"
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "mf-dist-data"}}]
-    assert container["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert (pod["volumes"], container["volumeMounts"]) == volumes
     assert job["metadata"]["namespace"] == "mf-dist"
     assert {"name": "PREFECT__FLOW_RUN_ID", "value": str(flow_run.id)} in container["env"]
 

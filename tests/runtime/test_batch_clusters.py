@@ -295,6 +295,18 @@ def test_cpu_only_kubernetes_workers():
     assert "--resources" not in worker["args"]
     assert "nvidia.com/gpu" not in worker["resources"]["limits"]
     assert document["spec"]["worker"]["spec"]["volumes"] == []
+    assert "serviceAccountName" not in document["spec"]["worker"]["spec"]
+
+
+def test_object_store_workers_mount_nothing_and_run_as_the_workload_identity():
+    settings = KubernetesSettings(service_account="mf-dist-flow", env={"AWS_REGION": "eu-west-1"})
+    document = kubernetes_cluster_spec(settings, workers=2, threads_per_worker=1)
+    validate_dask_cluster(document)
+    for role in ("worker", "scheduler"):
+        assert document["spec"][role]["spec"]["serviceAccountName"] == "mf-dist-flow"
+        assert {"name": "AWS_REGION", "value": "eu-west-1"} in containers(document, role)["env"]
+    assert document["spec"]["worker"]["spec"]["volumes"] == []
+    assert containers(document, "worker")["volumeMounts"] == []
 
 
 def test_the_schema_check_catches_a_misspelt_field():

@@ -75,7 +75,7 @@ def evaluate(client, tmp_path, model, vectors, train, held, *, n_users, block_si
         for block, start, stop in ingest.user_grid:
             rows = sorted(entry for entry in entries if start <= entry[0] < stop)
             columns = list(zip(*rows, strict=True)) if rows else [[], [], []]
-            path_of(block).parent.mkdir(parents=True, exist_ok=True)
+            Path(path_of(block)).parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(
                 pa.table(
                     {

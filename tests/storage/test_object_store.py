@@ -60,7 +60,7 @@ def s3(client, tiny_ratings, tmp_path_factory):
             yield environment
 
 
-def run(client, input_path: str, output: str, work_dir: Path, **settings: object):
+def run(client, input_path: str, output: str, work_dir: Path | str, **settings: object):
     config = load_config(
         None,
         input=input_path,
@@ -119,6 +119,77 @@ def test_a_run_on_the_object_store_publishes_the_tables_of_a_local_run(
     again = run(client, f"s3://{BUCKET}/ratings/", output, tmp_path / "work-s3")
     assert read_embeddings(output).manifest["run_id"] == again.run_id
     assert read_embeddings(f"{output}/items/runs/{remote.run_id}").manifest["run_id"] == remote.run_id
+
+
+def test_the_documented_recipes_read_the_published_table_with_the_endpoint(
+    prefect_server, s3, client, tmp_path, tiny_input
+):
+    """docs/tables.md, "Object stores": pyarrow and Polars read the current run by LATEST.
+
+    DuckDB's S3 support is an extension it downloads on first use: not tried here.
+    """
+    import polars as pl
+    import pyarrow.fs
+
+    output = f"s3://{BUCKET}/recipes"
+    summary = run(client, str(tiny_input), output, tmp_path / "work")
+    expected = read_embeddings(output, "items")
+    endpoint = s3["AWS_ENDPOINT_URL"]
+
+    # pyarrow
+    store = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region="us-east-1")
+    with store.open_input_stream(f"{BUCKET}/recipes/items/LATEST") as latest:
+        run_id = latest.read().decode().strip()
+    table = pq.read_table(f"{BUCKET}/recipes/items/runs/{run_id}", filesystem=store)
+    # Polars
+    options = {"aws_endpoint_url": endpoint, "aws_region": "us-east-1", "aws_allow_http": "true"}
+    frame = pl.read_parquet(f"{output}/items/runs/{run_id}/*.parquet", storage_options=options)
+
+    assert run_id == summary.run_id
+    for ids in (table["item_id"].to_numpy(), frame["item_id"].to_numpy()):
+        assert np.array_equal(ids, expected.ids)
+    assert np.array_equal(np.stack(frame["embedding"].to_list()).astype(np.float32), expected.vectors)
+
+
+@pytest.mark.parametrize(
+    ("model", "solver"),
+    [
+        # Ratings blocks, factor blocks, optimiser state in the checkpoints.
+        ("explicit", "gradient"),
+        # Co-occurrence tiles (dense and sparse) and the diagonal.
+        pytest.param("cooccurrence", "als", marks=pytest.mark.slow),
+    ],
+)
+def test_input_work_and_output_on_the_store_give_the_tables_of_a_local_run(
+    prefect_server, s3, client, tmp_path, tiny_input, model, solver
+):
+    settings = {"model": model, "solver": solver, "holdout": 0.1, "rank": 3, "block_size": 64}
+    local = run(client, str(tiny_input), str(tmp_path / "out"), tmp_path / "work", **settings)
+    output, work = f"s3://{BUCKET}/all-{model}/out", f"s3://{BUCKET}/all-{model}/work"
+    remote = run(client, f"s3://{BUCKET}/ratings/", output, work, **settings)
+
+    assert remote.final_loss == pytest.approx(local.final_loss, rel=1e-5)
+    assert remote.evaluation == pytest.approx(local.evaluation, rel=1e-5)
+    for table in [table.name for table in local.export.tables]:
+        expected, read = read_embeddings(tmp_path / "out", table), read_embeddings(output, table)
+        assert np.array_equal(read.ids, expected.ids)
+        np.testing.assert_allclose(read.vectors, expected.vectors, rtol=1e-5, atol=1e-6)
+    # Everything intermediate is in the store: stage records, checkpoints, stamps, the loss curve.
+    filesystem, root = resolve(work)
+    assert json.loads(filesystem.cat_file(f"{root}/ingest/summary.json"))["directory"] == f"{work}/ingest"
+    assert filesystem.exists(f"{root}/_stages/train.key")
+    assert filesystem.ls(f"{root}/checkpoints/{model}", detail=False)
+    assert filesystem.exists(f"{root}/reports/loss-{remote.run_id}.png")
+    assert not filesystem.exists(f"{root}/ingest/_staging")
+    if model == "cooccurrence":
+        assert json.loads(filesystem.cat_file(f"{root}/cooccurrence/summary.json"))["tiles"]
+    # A cached second run finds its stages through the stamps in the store.
+    again = run(client, f"s3://{BUCKET}/ratings/", output, work, **settings)
+    assert again.final_loss == remote.final_loss
+    # A warm start from the published tables on the store starts where they ended.
+    warm = run(client, f"s3://{BUCKET}/ratings/", f"{output}-warm", work, init_from=output, **settings)
+    assert warm.loss_history[0].loss < remote.loss_history[0].loss
+    assert read_embeddings(f"{output}-warm").manifest["config"]["init_from"] == output
 
 
 @pytest.mark.parametrize(
@@ -189,6 +260,54 @@ def test_secret_storage_options_are_masked_in_manifests():
     }
 
 
+def test_storage_options_reach_the_workers_and_no_secret_is_written(
+    prefect_server, s3, client, tmp_path, tiny_input
+):
+    """Workers without endpoint or keys of their own get the config's storage options (and only in memory).
+
+    The secret given in ``storage_options`` is found in no object of the work
+    directory or the output (records, checkpoints, stamps, manifests, reports),
+    nor in the flow host's stored stage results.
+    """
+    secret = "do-not-write-this-secret-4711"
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(
+        f'input = "s3://{BUCKET}/ratings/"\noutput = "s3://{BUCKET}/secret/out"\n'
+        f'work_dir = "s3://{BUCKET}/secret/work"\nscheduler = "{client.scheduler.address}"\n'
+        'model = "explicit"\nsolver = "gradient"\nrank = 3\nepochs = 2\nblock_size = 64\n'
+        f'[storage_options]\nendpoint_url = "{s3["AWS_ENDPOINT_URL"]}"\nkey = "storage-key"\n'
+        f'secret = "{secret}"\n'
+    )
+    nothing = {name: None for name in [*FAKE_CREDENTIALS, "AWS_ENDPOINT_URL"] if name != "AWS_DEFAULT_REGION"}
+    nothing |= {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        with worker_environment(client, nothing):
+            summary = factorization_pipeline(load_config(config_file))
+    assert read_embeddings(f"s3://{BUCKET}/secret/out").manifest["run_id"] == summary.run_id
+
+    def options_on_workers() -> dict:
+        from mf_dist.storage import store
+
+        return dict(store._OPTIONS)
+
+    # The options left the workers with the run.
+    assert all(options == {} for options in client.run(options_on_workers).values())
+    filesystem, _ = resolve(f"s3://{BUCKET}")
+    objects = filesystem.find(f"{BUCKET}/secret")
+    assert any("/work/checkpoints/" in name for name in objects)
+    assert any(name.endswith("_manifest.json") for name in objects)
+    for name in objects:
+        assert secret.encode() not in filesystem.cat_file(name), name
+    stored = [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]
+    assert stored
+    for path in stored:
+        assert secret.encode() not in path.read_bytes(), path
+
+
 def test_storage_options_come_from_the_config_file_only(tmp_path, tiny_input):
     config_file = tmp_path / "run.toml"
     config_file.write_text(
@@ -197,8 +316,9 @@ def test_storage_options_come_from_the_config_file_only(tmp_path, tiny_input):
     )
     config = load_config(config_file)
     assert config.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
-    with pytest.raises(ConfigError, match="give a local work_dir"):
-        load_config(None, input=str(tiny_input), output=f"s3://{BUCKET}/out")
+    # Without a work_dir the intermediate data goes under the output, on the store too.
+    config = load_config(None, input=str(tiny_input), output=f"s3://{BUCKET}/out")
+    assert config.work_location == f"s3://{BUCKET}/out/_work"
 
 
 def test_a_second_writer_of_one_output_url_is_refused_until_the_first_has_finished(s3):

@@ -18,9 +18,22 @@ FAKE_CREDENTIALS = {
 }
 
 
+def clear_filesystem_caches() -> None:
+    """Drop every cached fsspec filesystem (each class keeps its own): the next reads the environment."""
+    import fsspec
+
+    fsspec.AbstractFileSystem.clear_instance_cache()
+    for implementation in fsspec.registry.values():
+        implementation.clear_instance_cache()
+
+
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
-    """Start a moto S3 server on 127.0.0.1 (a free port); yields its endpoint URL."""
+    """Start a moto S3 server on 127.0.0.1 (a free port); yields its endpoint URL.
+
+    Filesystems cached in this process are dropped on the way in and out: one
+    made for an earlier server would keep talking to its (closed) port.
+    """
     from moto.server import ThreadedMotoServer
 
     # One line per request otherwise.
@@ -28,10 +41,12 @@ def moto_server() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    clear_filesystem_caches()
     try:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+        clear_filesystem_caches()
 
 
 def _set_environment(values: dict[str, str | None]) -> dict[str, str | None]:
@@ -52,6 +67,7 @@ def worker_environment(client: Client, values: dict[str, str]) -> Iterator[None]
     """
 
     def apply(values: dict[str, str | None]) -> dict[str, str | None]:
+        # On a worker: the body of clear_filesystem_caches, without importing the tests there.
         import fsspec
 
         fsspec.AbstractFileSystem.clear_instance_cache()

@@ -26,6 +26,8 @@ COOCCURRENCE_DEFAULTS = {
     "batch_size": 1024,
     "optimizer": "adam",
     "alpha": 10.0,
+    "confidence": "linear",
+    "confidence_epsilon": 1.0,
     "als_method": "cg",
     "cg_steps": 3,
     "loss": "squared",

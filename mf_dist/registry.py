@@ -165,7 +165,7 @@ def _solvers(**trainers: str) -> dict[str, SolverSpec]:
 
 
 # Co-occurrence: gradient (Adam), rank 64, 60 epochs. In a 5-fold sweep (docs/benchmarks.md)
-# ALS's item vectors scored 7 % higher as item-kNN on MovieLens 100K but 30 % lower on the
+# ALS's item vectors scored 7 % higher as item-kNN on MovieLens 100K but 25 % lower on the
 # synthetic tiny set; rank 64 beat rank 32 on both.
 register(
     ModelSpec(

@@ -117,7 +117,7 @@ def _old(model: str) -> Candidate:
 
 
 GRIDS: dict[str, list[Candidate]] = {
-    # Confidence × α × λ at the default rank; rank 64 and the gradient solver around the best.
+    # Round 1: confidence × α × λ at the default rank (32), ALS, 15 epochs.
     "implicit": [
         _old("implicit"),
         *product(

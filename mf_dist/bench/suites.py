@@ -404,6 +404,8 @@ def implicit_ours(context: SideContext) -> Timed:
         rank=rank,
         epochs=iterations_for(context.scale, IMPLICIT_ITERATIONS),
         alpha=IMPLICIT_ALPHA,
+        # The reference below is given c = 1 + α·r as its values: the same objective only with linear.
+        confidence="linear",
         regularization=IMPLICIT_REGULARIZATION,
     )
     trained, seconds, metrics, device_details = train_ours(

@@ -1,8 +1,10 @@
 """Implicit feedback: Hu, Koren & Volinsky (ICDM 2008), confidence-weighted.
 
 For every (user u, item i) pair, preference p_ui = 1 if u liked i else 0, and
-confidence c_ui = 1 + α r_ui (r_ui the liked entry's value, 1 for binary
-data; c = 1 where nothing was observed). The loss over ALL pairs is
+confidence c_ui = 1 + α w_ui, w_ui a function of the liked entry's value r_ui
+(:func:`confidence_weights`: 1 for ``binary``, r_ui for ``linear``,
+log(1 + r_ui/ε) for Hu et al.'s ``log`` form; c = 1 where nothing was
+observed). The loss over ALL pairs is
 
     Σ_{u,i} c_ui (p_ui − x_uᵀy_i)² + λ (‖X‖²_F + ‖Y‖²_F)
     = tr((XᵀX)(YᵀY)) + Σ_liked [c_ui (1 − s_ui)² − s_ui²] + λ(‖X‖² + ‖Y‖²),
@@ -15,10 +17,15 @@ entries only, never the dense users × items product. The row update is
 solved exactly (Cholesky) or by conjugate gradient without forming the
 k × k system per row (Takács et al. 2011). Every function works on one row
 block: ``rows`` are local row indices sorted ascending, ``cols`` index the
-other side's factors ``col_vectors`` (m × k), ``values`` are r_ui.
+other side's factors ``col_vectors`` (m × k), ``values`` are the confidence
+weights w_ui = (c_ui − 1)/α. The callers turn the entries' values r_ui into
+w_ui once, by :func:`confidence_weights` with the run's ``confidence``
+setting, so the solves, the gradient and the loss all see the same c.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -26,10 +33,33 @@ from torch import Tensor
 from mf_dist.solvers import normal_equations, weighted_cg, weighted_cholesky
 from mf_dist.solvers.rows import gram
 
+if TYPE_CHECKING:
+    from mf_dist.settings import ConfidenceName
 
-def confidence(values: Tensor, alpha: float) -> Tensor:
-    """c = 1 + α r for the liked entries."""
-    return 1.0 + alpha * values
+
+def confidence_weights(values: Tensor, mode: ConfidenceName = "linear", epsilon: float = 1.0) -> Tensor:
+    """w = (c − 1)/α of the liked entries from their values r (same shape and dtype).
+
+    ``binary``: w = 1, whatever r (the value only decided that the entry is
+    liked); ``linear``: w = r; ``log``: w = log(1 + r/ε) (Hu, Koren &
+    Volinsky 2008, eq. 6), r below 0 counting as 0 so that c stays ≥ 1.
+    """
+    if mode == "binary":
+        return torch.ones_like(values)
+    if mode == "linear":
+        return values
+    if mode == "log":
+        return torch.log1p(values.clamp_min(0) / epsilon)
+    raise ValueError(f"unknown confidence {mode!r}; choose binary, linear or log")
+
+
+def confidence(values: Tensor, alpha: float, mode: ConfidenceName = "linear", epsilon: float = 1.0) -> Tensor:
+    """c = 1 + α w(r) for the liked entries' values r, w by :func:`confidence_weights`.
+
+    The functions below take ``values`` already turned into w and call this
+    with the default ``linear`` mode, which leaves them as they are.
+    """
+    return 1.0 + alpha * confidence_weights(values, mode, epsilon)
 
 
 def exact_update_rows(
@@ -67,7 +97,7 @@ def cg_update_rows(
     """x_u by ``steps`` conjugate-gradient iterations started from the current ``row_vectors`` (n × k).
 
     ``rows`` (e,) int64 sorted ascending, ``cols`` (e,) int64 into ``col_vectors``
-    (m × k), ``values`` (e,) r_ui; ``col_gram`` YᵀY (k × k). Computes in
+    (m × k), ``values`` (e,) the weights w_ui; ``col_gram`` YᵀY (k × k). Computes in
     ``col_vectors``' dtype (float32 in training, float64 in the tests).
 
     Returns the new rows (n × k) and the scores s_ui = x_uᵀy_i at them (e,),
@@ -107,7 +137,7 @@ def liked_loss_terms(
 
 
 def liked_terms_from_scores(scores: Tensor, values: Tensor, alpha: float) -> Tensor:
-    """Σ_liked [c (1 − s)² − s²] from the scores s (e,) and values r (e,) of the liked entries (float64)."""
+    """Σ_liked [c (1 − s)² − s²] from the scores s (e,) and weights w (e,) of the liked entries (float64)."""
     scores = scores.double()
     weights = confidence(values.double(), alpha)
     return (weights * (1 - scores) ** 2 - scores**2).sum()
@@ -153,13 +183,20 @@ def fold_in_rows(
     """New users' vectors against fixed items: the exact ALS user half-step (no biases).
 
     :func:`exact_update_rows` with YᵀY of all the items and the run's
-    ``alpha`` and ``regularization``; ``values`` are the liked entries' r_ui.
+    ``alpha``, ``confidence``, ``confidence_epsilon`` and ``regularization``;
+    ``values`` are the liked entries' r_ui. A manifest written before the
+    confidence setting existed has none: those runs trained with ``linear``.
     """
+    weights = confidence_weights(
+        values,
+        hyperparameters.get("confidence", "linear"),
+        float(hyperparameters.get("confidence_epsilon", 1.0)),
+    )
     return (
         exact_update_rows(
             rows,
             cols,
-            values,
+            weights,
             n_rows,
             col_vectors,
             gram(col_vectors),

@@ -61,11 +61,7 @@ def als_block(
     """
     device = compute_device(settings.device)
     start, stop = rows
-    args = (
-        entries.rows.to(device),
-        entries.cols.to(device),
-        entries.values.to(device),
-    )
+    args = entry_arguments(entries, settings, device)
     other_vectors, other_gram = other_side(device, *others)
     if settings.als_method == "cholesky":
         vectors = objective.exact_update_rows(
@@ -110,7 +106,7 @@ def gradient_block(
         raise ValueError(f"gradient steps take whole blocks, not rows {rows} of {block.n_rows}")
     device = compute_device(settings.device)
     vectors = block.vectors.to(device)
-    args = (entries.rows.to(device), entries.cols.to(device), entries.values.to(device))
+    args = entry_arguments(entries, settings, device)
     other_vectors, other_gram = other_side(device, *others)
     gradient = objective.row_gradient(
         *args,
@@ -125,6 +121,19 @@ def gradient_block(
     )
     terms = _liked_terms(*args, updated, other_vectors, settings.alpha) if with_terms else 0.0
     return ScoredRowBlock(vectors=updated.cpu(), state=state, liked_terms=terms, gram=gram(updated).cpu())
+
+
+def entry_arguments(
+    entries: SideEntries, settings: TrainSettings, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, confidence weights w) of the entries on ``device``, w by the run's ``confidence``.
+
+    The one place a block step turns the liked values r into w = (c − 1)/α
+    (:func:`mf_dist.models.implicit.confidence_weights`): the solve, the
+    gradient and the loss terms all take these, so they agree on c.
+    """
+    weights = objective.confidence_weights(entries.values, settings.confidence, settings.confidence_epsilon)
+    return entries.rows.to(device), entries.cols.to(device), weights.to(device)
 
 
 class _LastOtherSide:

@@ -101,12 +101,42 @@ def test_explicit_als_is_a_stationary_point_of_the_gradient_objective():
     torch.testing.assert_close(bias.grad, torch.zeros_like(bias), atol=1e-9, rtol=0)
 
 
-def dense_implicit_reference(rows, cols, values, n_rows, n_cols, col_vectors, alpha, regularization):
+CONFIDENCE_MODES = ["binary", "linear", "log"]
+
+
+def reference_confidence(values: np.ndarray, alpha: float, mode: str, epsilon: float = 1.0) -> np.ndarray:
+    """c of the liked entries written out per mode (Hu et al. 2008: 1 + α r and 1 + α log(1 + r/ε))."""
+    if mode == "binary":
+        return np.full(values.shape, 1.0 + alpha)
+    if mode == "linear":
+        return 1.0 + alpha * values
+    return 1.0 + alpha * np.log(1.0 + values / epsilon)
+
+
+@pytest.mark.parametrize("mode", CONFIDENCE_MODES)
+def test_confidence_is_one_plus_alpha_times_the_modes_weight(mode):
+    values = torch.tensor([1.0, 2.0, 4.0, 5.0, 0.5], dtype=torch.float64)
+    expected = reference_confidence(values.numpy(), 3.0, mode, 0.5)
+    np.testing.assert_allclose(implicit.confidence(values, 3.0, mode, 0.5).numpy(), expected, rtol=1e-12)
+    weights = implicit.confidence_weights(values, mode, 0.5)
+    np.testing.assert_allclose(1 + 3.0 * weights.numpy(), expected, rtol=1e-12)
+
+
+def test_log_confidence_never_drops_below_one_and_unknown_modes_are_refused():
+    values = torch.tensor([-3.0, 0.0, 2.0], dtype=torch.float64)
+    assert (implicit.confidence(values, 10.0, "log") >= 1.0).all()
+    with pytest.raises(ValueError, match="unknown confidence 'square'"):
+        implicit.confidence_weights(values, "square")  # type: ignore[arg-type]
+
+
+def dense_implicit_reference(
+    rows, cols, values, n_rows, n_cols, col_vectors, alpha, regularization, mode="linear", epsilon=1.0
+):
     """Hu et al. (2008), eq. 4, row by row with dense C_u and p_u."""
     preference = np.zeros((n_rows, n_cols))
     confidence = np.ones((n_rows, n_cols))
     preference[rows.numpy(), cols.numpy()] = 1.0
-    confidence[rows.numpy(), cols.numpy()] = 1 + alpha * values.numpy()
+    confidence[rows.numpy(), cols.numpy()] = reference_confidence(values.numpy(), alpha, mode, epsilon)
     y = col_vectors.numpy()
     k = y.shape[1]
     solution = np.zeros((n_rows, k))
@@ -116,22 +146,28 @@ def dense_implicit_reference(rows, cols, values, n_rows, n_cols, col_vectors, al
     return solution
 
 
+@pytest.mark.parametrize("mode", CONFIDENCE_MODES)
 @pytest.mark.parametrize("alpha", [1.0, 40.0])
 @pytest.mark.parametrize("rank", [2, 6])
-def test_implicit_exact_rows_match_hu_koren_volinsky(rank, alpha):
+def test_implicit_exact_rows_match_hu_koren_volinsky(rank, alpha, mode):
     n_rows, n_cols = 8, 15
     rows, cols, values = random_entries(n_rows, n_cols, 0.3, seed=rank)
     col_vectors = torch.randn(n_cols, rank, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    weights = implicit.confidence_weights(values, mode, 2.0)
     solution = implicit.exact_update_rows(
-        rows, cols, values, n_rows, col_vectors, col_vectors.T @ col_vectors, alpha, 0.1
+        rows, cols, weights, n_rows, col_vectors, col_vectors.T @ col_vectors, alpha, 0.1
     )
-    expected = dense_implicit_reference(rows, cols, values, n_rows, n_cols, col_vectors, alpha, 0.1)
+    expected = dense_implicit_reference(
+        rows, cols, values, n_rows, n_cols, col_vectors, alpha, 0.1, mode, 2.0
+    )
     np.testing.assert_allclose(solution.numpy(), expected, rtol=1e-7, atol=1e-9)
 
 
-def test_implicit_cg_with_k_steps_equals_the_exact_solve():
+@pytest.mark.parametrize("mode", CONFIDENCE_MODES)
+def test_implicit_cg_with_k_steps_equals_the_exact_solve(mode):
     rank, n_rows, n_cols = 5, 6, 20
     rows, cols, values = random_entries(n_rows, n_cols, 0.4, seed=9)
+    values = implicit.confidence_weights(values, mode)
     col_vectors = torch.randn(n_cols, rank, dtype=torch.float64)
     start = torch.randn(n_rows, rank, dtype=torch.float64)
     gram = col_vectors.T @ col_vectors
@@ -143,25 +179,27 @@ def test_implicit_cg_with_k_steps_equals_the_exact_solve():
     assert torch.linalg.norm(three - exact) < 0.5 * torch.linalg.norm(start - exact)
 
 
-def dense_implicit_loss(x, y, rows, cols, values, alpha, regularization):
+def dense_implicit_loss(x, y, rows, cols, values, alpha, regularization, mode="linear"):
     preference = torch.zeros(x.shape[0], y.shape[0], dtype=x.dtype)
     confidence = torch.ones_like(preference)
     preference[rows, cols] = 1.0
-    confidence[rows, cols] = 1 + alpha * values.to(x.dtype)
+    confidence[rows, cols] = torch.from_numpy(reference_confidence(values.numpy(), alpha, mode)).to(x.dtype)
     return (confidence * (preference - x @ y.T) ** 2).sum() + regularization * ((x**2).sum() + (y**2).sum())
 
 
-def test_implicit_loss_and_gradient_match_autograd_on_the_dense_formula():
+@pytest.mark.parametrize("mode", CONFIDENCE_MODES)
+def test_implicit_loss_and_gradient_match_autograd_on_the_dense_formula(mode):
     rows, cols, values = random_entries(7, 11, 0.35, seed=4)
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(11, 3, dtype=torch.float64)
-    dense = dense_implicit_loss(x, y, rows, cols, values, 2.0, 0.3)
+    dense = dense_implicit_loss(x, y, rows, cols, values, 2.0, 0.3, mode)
     dense.backward()
-    liked = implicit.liked_loss_terms(rows, cols, values, x.detach(), y, 2.0)
+    weights = implicit.confidence_weights(values, mode)
+    liked = implicit.liked_loss_terms(rows, cols, weights, x.detach(), y, 2.0)
     squared = (x.detach() ** 2).sum() + (y**2).sum()
     blocked = implicit.total_loss(x.detach().T @ x.detach(), y.T @ y, liked, squared, 0.3)
     torch.testing.assert_close(blocked, dense.detach())
-    gradient = implicit.row_gradient(rows, cols, values, x.detach(), y, y.T @ y, 2.0, 0.3)
+    gradient = implicit.row_gradient(rows, cols, weights, x.detach(), y, y.T @ y, 2.0, 0.3)
     torch.testing.assert_close(gradient, x.grad)
 
 

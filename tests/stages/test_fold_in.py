@@ -97,15 +97,17 @@ def test_explicit_equals_the_trainers_user_half_step(client, tmp_path):
     assert folded.items_run_id == run.export.run_id and folded.unknown_items == 0
 
 
-def test_implicit_equals_the_trainers_user_half_step_on_the_liked_ratings(client, tmp_path):
+# A manifest from before the confidence setting records none: its run was linear.
+@pytest.mark.parametrize(("confidence", "recorded"), [("linear", False), ("log", True), ("binary", True)])
+def test_implicit_equals_the_trainers_user_half_step_on_the_liked_ratings(
+    client, tmp_path, confidence, recorded
+):
     rng = np.random.default_rng(1)
+    hyperparameters = {"regularization": 0.1, "alpha": 2.0}
+    if recorded:
+        hyperparameters |= {"confidence": confidence, "confidence_epsilon": 0.5}
     run, item_ids = publish(
-        client,
-        tmp_path,
-        rng,
-        "implicit",
-        like_threshold=3.0,
-        hyperparameters={"regularization": 0.1, "alpha": 2.0},
+        client, tmp_path, rng, "implicit", like_threshold=3.0, hyperparameters=hyperparameters
     )
     frame = new_ratings(rng, item_ids, per_user=7)
 
@@ -113,7 +115,13 @@ def test_implicit_equals_the_trainers_user_half_step_on_the_liked_ratings(client
 
     side, users = entries(frame[frame.rating >= 3.0], item_ids)
     settings = TrainSettings(
-        model="implicit", regularization=0.1, alpha=2.0, als_method="cholesky", device="cpu"
+        model="implicit",
+        regularization=0.1,
+        alpha=2.0,
+        confidence=confidence,
+        confidence_epsilon=0.5,
+        als_method="cholesky",
+        device="cpu",
     )
     expected = implicit.als_block(
         side,

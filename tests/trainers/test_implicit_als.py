@@ -3,7 +3,8 @@
 From a fixed start (U₀, V₀), one epoch of the trainer is the user half-step
 x_u = (Vᵀ C_u V + λI)⁻¹ Vᵀ C_u p_u for every user, then the item half-step
 y_i = (Uᵀ C_i U + λI)⁻¹ Uᵀ C_i p_i with the new users: c = 1 + α r on the
-liked entries (ratings ≥ the like threshold, r the rating) and 1 elsewhere,
+liked entries (ratings ≥ the like threshold, r the rating; 1 + α or
+1 + α log(1 + r/ε) with the other confidence modes) and 1 elsewhere,
 p = 1 on the liked entries and 0 elsewhere; λ is added once per row, unscaled
 by its count (mf_dist/models/implicit.py). The reference builds the dense
 users × items matrices from the raw ratings and the ingest id maps, and solves
@@ -27,13 +28,25 @@ from tests.support.training import settings
 
 RANK = 4
 ALPHA = 2.0
+EPSILON = 0.5
 REGULARIZATION = 0.5
 LIKE_THRESHOLD = 3.0
 # Small blocks: several blocks on both sides, crowded ones cut into row pieces.
 BLOCK_SIZE = 16
 
 
-def dense_targets(ratings: pd.DataFrame, ingest: IngestResult) -> tuple[np.ndarray, np.ndarray]:
+def reference_confidence(ratings: np.ndarray, mode: str) -> np.ndarray:
+    """c of liked entries with rating r, written out: 1 + α, 1 + α r, or 1 + α log(1 + r/ε)."""
+    if mode == "binary":
+        return np.full(ratings.shape, 1.0 + ALPHA)
+    if mode == "linear":
+        return 1.0 + ALPHA * ratings
+    return 1.0 + ALPHA * np.log1p(ratings / EPSILON)
+
+
+def dense_targets(
+    ratings: pd.DataFrame, ingest: IngestResult, mode: str = "linear"
+) -> tuple[np.ndarray, np.ndarray]:
     """(P, C): preference and confidence, users × items in the trainer's row order, float64."""
     users = pq.read_table(ingest.users_path).to_pandas().sort_values("index")
     items = pq.read_table(ingest.items_path).to_pandas().sort_values("index")
@@ -44,7 +57,7 @@ def dense_targets(ratings: pd.DataFrame, ingest: IngestResult) -> tuple[np.ndarr
     preference = np.zeros((ingest.n_users, ingest.n_items))
     confidence = np.ones((ingest.n_users, ingest.n_items))
     preference[u[liked], i[liked]] = 1.0
-    confidence[u[liked], i[liked]] = 1.0 + ALPHA * ratings["rating"].to_numpy()[liked]
+    confidence[u[liked], i[liked]] = reference_confidence(ratings["rating"].to_numpy()[liked], mode)
     return preference, confidence
 
 
@@ -79,14 +92,18 @@ def scatter_blocks(client, vectors: np.ndarray, grid) -> list:
 # little more to float32 round-off. Tolerances are about 5× the gaps. The
 # reported loss was within 1.2e-9 (cholesky) and 3.9e-8 (cg) of the dense one
 # (checked to 2e-7 relative).
-@pytest.mark.parametrize(("als_method", "tolerance"), [("cholesky", 2e-6), ("cg", 1e-5)])
+# Every confidence mode once, each ALS method with the linear one and one other.
+@pytest.mark.parametrize(
+    ("als_method", "tolerance", "mode"),
+    [("cholesky", 2e-6, "linear"), ("cg", 1e-5, "linear"), ("cholesky", 2e-6, "log"), ("cg", 1e-5, "binary")],
+)
 def test_one_epoch_equals_the_dense_reference(
-    client, tmp_path, tiny_ratings, tiny_input, als_method, tolerance
+    client, tmp_path, tiny_ratings, tiny_input, als_method, tolerance, mode
 ):
     ingest = ingest_ratings(
         client, str(tiny_input), tmp_path / "work", block_size=BLOCK_SIZE, like_threshold=LIKE_THRESHOLD
     )
-    preference, confidence = dense_targets(tiny_ratings, ingest)
+    preference, confidence = dense_targets(tiny_ratings, ingest, mode)
     # Some users and items have no likes: their rows solve to zero on both sides.
     assert 0 < preference.sum() < preference.size
     rng = np.random.default_rng(3)
@@ -99,6 +116,8 @@ def test_one_epoch_equals_the_dense_reference(
         rank=RANK,
         epochs=1,
         alpha=ALPHA,
+        confidence=mode,
+        confidence_epsilon=EPSILON,
         regularization=REGULARIZATION,
         als_method=als_method,
         cg_steps=RANK,

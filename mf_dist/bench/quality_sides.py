@@ -173,9 +173,14 @@ def _fit_ours(model: str, solver: str, task: Task, fold: Fold, resources: Resour
         config=config.model_dump(mode="json"),
     )
     settings = config.train_settings
-    words = f"rank {settings.rank}, λ {settings.regularization:g}, {trained.epochs} epochs"
+    # The settings as configured (a run may stop earlier on its tolerance): what a re-run compares.
+    words = f"rank {settings.rank}, λ {settings.regularization:g}, {settings.epochs} epochs"
     if model == "implicit":
         words += f", α {settings.alpha:g}"
+    if solver == "gradient":
+        # NMF's projected steps use no optimiser: its learning rate scales the 1/L step.
+        optimizer = "" if model == "nmf" else f"{settings.optimizer} "
+        words += f", {optimizer}lr {settings.learning_rate:g}"
     items = read_embeddings(config.output, "items")
     item_rows = _positions(fold.item_ids, items.ids)
     fitted = Fitted(seconds=elapsed[0], config=words)
@@ -249,6 +254,8 @@ def spark_session(threads: int) -> Iterator[Any]:
     spark = (
         SparkSession.builder.master(f"local[{threads}]")
         .appName("mf-dist-bench-quality")
+        # Spark's progress bars would draw over the bench's table.
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.memory", "2g")
         .config("spark.sql.shuffle.partitions", str(max(2, threads)))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")

@@ -1,8 +1,8 @@
 """The ratings of ``mf-dist bench quality``: where MovieLens 100K is, reading a ratings file, k folds.
 
 MovieLens 100K is looked for at ``../shared/data/ml-100k.tsv`` beside the
-repository (:data:`MOVIELENS_100K`; the tests' ``movielens_100k`` fixture
-reads the same path with :func:`read_ratings`). Any other ratings file is a
+repository (:data:`MOVIELENS_100K`, the one place that path is written; the
+tests' ``movielens_100k`` fixture reads it too). Any other ratings file is a
 Parquet file or a tab-separated text file whose first three columns are
 user, item and rating.
 """

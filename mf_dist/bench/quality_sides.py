@@ -291,8 +291,10 @@ def _fit_spark(fold: Fold, config: Config, resources: Resources) -> Fitted:
         model = als.fit(train)
         # The factors are computed lazily; counting them forces the fit.
         model.userFactors.count()
-    users = model.userFactors.toPandas()
-    items = model.itemFactors.toPandas()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        users = model.userFactors.toPandas()
+        items = model.itemFactors.toPandas()
     train.unpersist()
     user_vectors = _full(users["id"].to_numpy(), fold.n_users, np.stack(users["features"].to_numpy()))
     item_vectors = _full(items["id"].to_numpy(), fold.n_items, np.stack(items["features"].to_numpy()))

@@ -18,7 +18,20 @@ from mf_dist.settings import DeviceName
 if TYPE_CHECKING:
     from mf_dist.bench.suites import Suite, Variant
 
-VERSIONED_PACKAGES = ("numpy", "scipy", "torch", "dask", "distributed", "scikit-learn", "implicit", "pyspark")
+VERSIONED_PACKAGES = (
+    "numpy",
+    "scipy",
+    "torch",
+    "dask",
+    "distributed",
+    "scikit-learn",
+    "implicit",
+    "pyspark",
+    "scikit-surprise",
+)
+QUALITY = "quality"
+"""The suite argument that runs :mod:`mf_dist.bench.quality` (held-out quality on real ratings) instead."""
+QUALITY_PANEL = "bench quality"
 
 # Piped into a file or CI log, rich would wrap the ten-column table at 80 characters.
 console = Console(width=None if Console().is_terminal else 200)
@@ -91,7 +104,13 @@ def run_suite(suite: Suite, scale_name: str, device: str, workers: int, cache_di
 
 def bench(
     suite: Annotated[
-        Optional[str], typer.Argument(help=f"One of: {', '.join(SUITE_NAMES)} (default: all of them).")
+        Optional[str],
+        typer.Argument(
+            help=(
+                f"One of: {', '.join(SUITE_NAMES)} (default: all of them); or {QUALITY}: k-fold held-out "
+                "quality of every model against Surprise, Spark and implicit on real ratings."
+            )
+        ),
     ] = None,
     scale: Annotated[ScaleName, typer.Option(help="tiny (seconds), small (minutes), ml20m.")] = "tiny",
     device: Annotated[DeviceName, typer.Option(help="Where our side computes: cpu or cuda.")] = "cpu",
@@ -100,10 +119,42 @@ def bench(
     cache_dir: Annotated[
         Optional[Path], typer.Option(help="Where generated data is kept between runs (default: a temp dir).")
     ] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Ratings file, Parquet or TSV (user, item, rating); default: ../shared/data/ml-100k.tsv.",
+            rich_help_panel=QUALITY_PANEL,
+        ),
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Folds of the k-fold split.", rich_help_panel=QUALITY_PANEL)] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the split.", rich_help_panel=QUALITY_PANEL)] = 0,
+    sides: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated sides to run (e.g. explicit/als,surprise-svd,popularity); default: all.",
+            rich_help_panel=QUALITY_PANEL,
+        ),
+    ] = None,
+    grids: Annotated[
+        bool,
+        typer.Option(
+            help="Also run each reference at the best of its grid (chosen on an inner split of fold 0).",
+            rich_help_panel=QUALITY_PANEL,
+        ),
+    ] = True,
 ) -> None:
-    """Time our stages against reference implementations on generated data, with quality and memory."""
+    """Time our stages against reference implementations on generated data, with quality and memory.
+
+    `mf-dist bench quality` instead scores every model's held-out quality on real ratings, k-fold,
+    against the libraries people compare it with (docs/benchmarks.md).
+    """
+    if suite == QUALITY:
+        _quality(data, folds, seed, sides, workers, json, grids)
+        return
     if suite is not None and suite not in SUITE_NAMES:
-        raise ConfigError(f"unknown bench suite {suite!r}; choose one of {', '.join(SUITE_NAMES)}")
+        raise ConfigError(
+            f"unknown bench suite {suite!r}; choose one of {', '.join(SUITE_NAMES)} or {QUALITY}"
+        )
     # The suites import torch, Dask and scipy: seconds that every other
     # command, and `mf-dist --help`, should not pay.
     from mf_dist.bench.suites import SUITES
@@ -128,4 +179,21 @@ def bench(
         json.write_text(report.model_dump_json(indent=2))
         console.print(f"results written to {json}")
     if any(result.failed for result in report.suites):
+        raise typer.Exit(1)
+
+
+def _quality(
+    data: Path | None, folds: int, seed: int, sides: str | None, workers: int, json: Path | None, grids: bool
+) -> None:
+    from mf_dist.bench.quality import print_quality, run_quality
+
+    names = [name.strip() for name in sides.split(",") if name.strip()] if sides else None
+    report = run_quality(data, folds, seed, names, workers, _versions(), console, grids=grids)
+    if report is None:
+        return
+    print_quality(report, console)
+    if json is not None:
+        json.write_text(report.model_dump_json(indent=2) + "\n")
+        console.print(f"results written to {json}")
+    if any(row.failed for row in report.rows):
         raise typer.Exit(1)

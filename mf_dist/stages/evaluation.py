@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from distributed import Client
 
 from mf_dist.errors import InputError
 from mf_dist.registry import model_spec
+from mf_dist.stages.scoring import ranking_metrics
 from mf_dist.storage.factor_files import FactorTable, TrainResult
 from mf_dist.storage.ingested import IngestResult
 from mf_dist.storage.reader import Embeddings, read_embeddings
@@ -121,6 +123,13 @@ def _liked(path: str, like_threshold: float | None) -> tuple[np.ndarray, np.ndar
     return users[keep], items[keep]
 
 
+def _marks(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A 0/1 CSR matrix with ones at (rows, cols) (repeated pairs count once)."""
+    marks = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=shape)
+    marks.data[:] = 1.0
+    return marks
+
+
 def ranking_block_metrics(
     holdout_path: str,
     ratings_path: str,
@@ -137,7 +146,9 @@ def ranking_block_metrics(
 
     A user's vector is its row of ``users`` when the model has one, else the
     sum of the ``profile_items`` vectors of the items it liked in training.
-    Items liked in training are never recommended again.
+    Items liked in training are never recommended again. The scores are
+    :func:`mf_dist.stages.scoring.ranking_metrics`, the function the quality
+    bench scores every side with.
     """
     held_users, held_items = _liked(holdout_path, like_threshold)
     if len(held_users) == 0:
@@ -150,23 +161,22 @@ def ranking_block_metrics(
         profile = torch.from_numpy(_read_table(profile_items)[0]).double()
         user_vectors = torch.zeros(n_users, profile.shape[1], dtype=torch.float64)
         user_vectors.index_add_(0, torch.from_numpy(train_users - user_start), profile[train_items])
-    k = min(k, len(candidate_vectors))
-    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
     recall_sum = ndcg_sum = 0.0
     scored_users = np.unique(held_users)
+    n_candidates = len(candidate_vectors)
     for chunk in np.array_split(scored_users, max(1, len(scored_users) // 256)):
         local = torch.from_numpy(chunk - user_start)
-        scores = user_vectors[local] @ candidate_vectors.T
+        scores = (user_vectors[local] @ candidate_vectors.T).numpy()
         seen = np.isin(train_users, chunk)
-        rows = torch.from_numpy(np.searchsorted(chunk, train_users[seen]))
-        scores[rows, torch.from_numpy(train_items[seen])] = -torch.inf
-        top = torch.topk(scores, k, dim=1).indices.numpy()
-        for r, user in enumerate(chunk):
-            relevant = set(held_items[held_users == user].tolist())
-            hits = np.array([item in relevant for item in top[r]])
-            recall_sum += hits.sum() / min(k, len(relevant))
-            ideal = discounts[: min(k, len(relevant))].sum()
-            ndcg_sum += float(discounts[torch.from_numpy(hits)].sum() / ideal)
+        held = np.isin(held_users, chunk)
+        metrics = ranking_metrics(
+            scores,
+            _marks(np.searchsorted(chunk, train_users[seen]), train_items[seen], (len(chunk), n_candidates)),
+            _marks(np.searchsorted(chunk, held_users[held]), held_items[held], (len(chunk), n_candidates)),
+            k,
+        )
+        recall_sum += float(metrics.recall.sum())
+        ndcg_sum += float(metrics.ndcg.sum())
     return recall_sum, ndcg_sum, len(scored_users)
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from mf_dist.bench.quality_data import MOVIELENS_100K
 from mf_dist.bench.synthetic import write_partitions
-from tests.support.paths import REPO
 
-MOVIELENS_100K = REPO.parent / "shared" / "data" / "ml-100k.tsv"
+__all__ = ["MOVIELENS_100K", "write_input"]
 
 
 def write_input(frame: pd.DataFrame, directory: Path, n_files: int = 3) -> Path:

@@ -8,6 +8,7 @@ Kingma & Ba 2015); this module only carries their state between tasks.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,10 @@ import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 from torch import Tensor
 
 from mf_dist.blocks import OptimizerState, RowBlock
+
+# Sparse Adagrad builds its update with invariant checks off, as we want them, and warns
+# about that on every first step, in every worker.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 def _load_state(optimizer: torch.optim.Optimizer, state: OptimizerState | None) -> None:

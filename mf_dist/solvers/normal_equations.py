@@ -13,10 +13,14 @@ into :func:`row_chunks` whose systems fit ``budget_bytes``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+# Sparse CSR matmul in torch warns that it is beta on every first use, in every worker.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 # Rows × k² floats of assembled systems per chunk: 256 MiB keeps a k = 1024
 # solve at 64 rows per chunk and a k = 64 block in one piece.

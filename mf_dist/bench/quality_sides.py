@@ -16,8 +16,10 @@ references' time is their ``fit`` on data already in memory.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -260,13 +262,22 @@ def spark_session(threads: int) -> Iterator[Any]:
         .config("spark.sql.shuffle.partitions", str(max(2, threads)))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.enabled", "false")
+        # ALS's lineage grows with every iteration; deserialising it recursively overflows the
+        # default thread stack around 20 iterations unless it is checkpointed (below) or the stack is larger.
+        .config("spark.driver.extraJavaOptions", "-Xss16m")
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
+    checkpoints = tempfile.mkdtemp(prefix="mf-dist-spark-")
+    # ALS checkpoints its factors every checkpointInterval (10) iterations once a directory is set.
+    spark.sparkContext.setCheckpointDir(checkpoints)
     try:
         yield spark
     finally:
-        spark.stop()
+        # A JVM that died under a failed fit has nothing left to stop; the figures must survive it.
+        with contextlib.suppress(Exception):
+            spark.stop()
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def _fit_spark(fold: Fold, config: Config, resources: Resources) -> Fitted:

@@ -139,7 +139,9 @@ def build_ann(
 ) -> AnnResult:
     """Build and publish the ``ann`` index of an items run.
 
-    ``source`` is an output directory, items table or run; ``source_run_id``
+    ``source`` is an output directory, items table or run, or the URL of one
+    (the index is then built in a temporary directory on the worker and
+    uploaded, see :func:`build_index`); ``source_run_id``
     picks a run of ``source/items``. ``publish=False`` leaves ``LATEST`` to the
     caller (the flow's commit). Raises :class:`ConfigError` for an unknown kind.
     """

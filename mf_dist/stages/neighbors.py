@@ -236,8 +236,10 @@ def item_neighbors(
     """Compute and publish the ``neighbors`` table of an ``items`` embedding table.
 
     ``source`` is an output directory, the ``items`` table directory or one
-    of its run directories; ``output`` (default: the output directory the
-    items table lives in) receives ``neighbors/``. ``k`` is capped at the
+    of its run directories, or the URL of one (``s3://bucket/out``); ``output``
+    (default: the output directory the items table lives in, a URL too)
+    receives ``neighbors/`` (on a store: no rename, the manifest last, see
+    :func:`mf_dist.storage.publish.staged_run`). ``k`` is capped at the
     number of items − 1. ``on_block(done, total)`` is called on the driver as
     query blocks finish. With ``publish=False`` the run is moved into place
     but ``LATEST`` is left to the caller (the flow commits all of a run's

@@ -524,7 +524,8 @@ def recommend_items(
 ) -> RecommendResult:
     """Compute and publish the ``recommendations`` table of a run with ``users`` and ``items`` tables.
 
-    ``source`` is the output directory; ``source_run_id`` picks a run
+    ``source`` is the output directory (or its URL; ``work_dir`` and ``output``
+    may be URLs as well); ``source_run_id`` picks a run
     (default: the current ``users`` run, whose ``items`` run must be the same
     run). ``work_dir`` holds the run's ingest, from which seen items are
     excluded unless ``keep_seen``. ``users`` restricts the table to those

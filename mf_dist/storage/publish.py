@@ -10,6 +10,12 @@ small-object put, which the store makes visible whole or not at all. That put
 is the commit point: a killed run leaves ``LATEST`` on the previous run, and
 its files under ``runs/<run_id>/`` (without a manifest, or never named by
 ``LATEST``) are not read by anything that follows ``LATEST``.
+
+:func:`staged_run`, :func:`write_manifest` and :func:`publish_run` take a
+path or a URL and do whichever of the two the location needs; the derived
+tables (neighbors, recommendations, ann) and fold-in publish through them.
+Export writes its parts on the workers and commits with
+:func:`mf_dist.stages.export.publish_tables`.
 """
 
 from __future__ import annotations

@@ -155,13 +155,6 @@ class RunConfig(TrainingOptions):
                     check_url(str(value))
                 except ConfigError as exc:
                     raise ValueError(str(exc)) from None
-        if is_remote(self.output):
-            derived = [name for name in ("neighbors", "recommend") if getattr(self, name)]
-            derived += ["ann"] if self.ann != "none" else []
-            if derived:
-                raise ValueError(
-                    f"{', '.join(derived)}: not yet available with a URL output; publish them locally"
-                )
         return self
 
     @model_validator(mode="after")

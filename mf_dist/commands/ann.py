@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
@@ -18,11 +17,12 @@ AnnKind = Literal["faiss", "hnsw"]
 
 def ann(
     path: Annotated[
-        Path, typer.Argument(help="Output directory, items table (e.g. out/items) or one of its runs.")
+        str,
+        typer.Argument(help="Output directory, items table (e.g. out/items) or one of its runs; or its URL."),
     ],
     kind: Annotated[AnnKind, typer.Option(help="faiss (IndexHNSWFlat) or hnsw (hnswlib).")] = "faiss",
     output: Annotated[
-        Optional[Path], typer.Option(help="Where ann/ goes (default: beside the items table).")
+        Optional[str], typer.Option(help="Where ann/ goes (default: beside the items table).")
     ] = None,
     workers: WorkersOption = None,
     scheduler: SchedulerOption = None,
@@ -30,13 +30,13 @@ def ann(
     """An HNSW inner-product index of the items, for ranking items for a user (docs/tables.md, `ann`)."""
     from mf_dist.runtime.cluster import open_client
     from mf_dist.stages.ann import build_ann
-    from mf_dist.storage.output_lock import exclusive_directory
-    from mf_dist.storage.reader import resolve_run_dir
+    from mf_dist.storage.output_lock import exclusive_output
+    from mf_dist.storage.reader import find_run, output_of_run
 
     started = time.perf_counter()
-    target = output if output is not None else resolve_run_dir(path, "items").parents[2]
+    target = output if output is not None else output_of_run(find_run(path, "items"))
     with (
-        exclusive_directory(target, purpose="mf-dist ann"),
+        exclusive_output(target, purpose="mf-dist ann"),
         open_client(workers=workers or 1, scheduler=scheduler) as client,
     ):
         result = build_ann(client, path, kind, output=output)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -15,9 +14,11 @@ console = Console()
 
 
 def fold_in(
-    path: Annotated[Path, typer.Argument(help="Output directory of a run with users and items tables.")],
+    path: Annotated[
+        str, typer.Argument(help="Output directory (or URL) of a run with users and items tables.")
+    ],
     input: Annotated[
-        Path,
+        str,
         typer.Option("--input", help="New ratings (Parquet file or directory), in the run's input columns."),
     ],
     recommend: Annotated[
@@ -41,13 +42,13 @@ def fold_in(
     import pandas as pd
 
     from mf_dist.stages.fold_in import publish_folded_users
-    from mf_dist.storage.output_lock import exclusive_directory
+    from mf_dist.storage.output_lock import exclusive_output
 
     try:
         frame = pd.read_parquet(input)
     except (OSError, ValueError) as exc:
         raise InputError(f"{input}: cannot read the new ratings: {exc}") from exc
-    with exclusive_directory(path, purpose="mf-dist fold-in"):
+    with exclusive_output(path, purpose="mf-dist fold-in"):
         result = publish_folded_users(path, frame, input_description=str(input))
         if recommend:
             from mf_dist.runtime.cluster import open_client

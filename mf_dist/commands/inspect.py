@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import typer
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -16,14 +17,16 @@ from rich.table import Table
 from rich.text import Text
 
 from mf_dist.errors import NotFoundError, OutputError
-from mf_dist.storage.filesystems import is_remote, join, local_path, resolve, storage_errors
+from mf_dist.storage.filesystems import is_remote, storage_errors
 from mf_dist.storage.reader import (
     LATEST_FILE,
     MANIFEST_FILE,
+    find_run,
+    output_of_run,
     read_manifest,
-    resolve_remote_run,
-    resolve_run_dir,
+    run_in,
 )
+from mf_dist.storage.store import exists, join, list_names, read_bytes, read_table, size
 from mf_dist.terminal.text_chart import text_chart
 
 console = Console()
@@ -31,52 +34,66 @@ console = Console()
 # Tables in the order a person reads them; others follow by name.
 TABLE_ORDER = {"items": 0, "users": 1, "neighbors": 2}
 
+# A run is a Path for a local path, its URL (a string) for an object store: mf_dist.storage.reader.find_run.
+Run = Path | str
 
-def runs_to_inspect(path: Path) -> list[Path]:
-    """The run directories ``path`` designates: one run, one table's current run, or every table's."""
-    if (path / MANIFEST_FILE).is_file() or (path / LATEST_FILE).is_file():
-        return [resolve_run_dir(path)]
+
+@contextlib.contextmanager
+def store_errors(location: str | Path) -> Iterator[None]:
+    """One-line errors for an object store's credential, permission and bucket failures at ``location``."""
+    if is_remote(location):
+        with storage_errors(str(location), OutputError):
+            yield
+    else:
+        yield
+
+
+def _has(location: str | Path, *parts: str) -> bool:
+    return exists(join(str(location), *parts))
+
+
+def runs_to_inspect(path: str | Path) -> list[Run]:
+    """The runs ``path`` designates: one run, one table's current run, or every table's (local or URL)."""
+    if _has(path, MANIFEST_FILE) or _has(path, LATEST_FILE):
+        return [find_run(path)]
     tables = sorted(
-        (child for child in path.iterdir() if (child / LATEST_FILE).is_file()) if path.is_dir() else [],
-        key=lambda child: (TABLE_ORDER.get(child.name, len(TABLE_ORDER)), child.name),
+        (name for name in list_names(path) if _has(path, name, LATEST_FILE)),
+        key=lambda name: (TABLE_ORDER.get(name, len(TABLE_ORDER)), name),
     )
     if not tables:
-        return [resolve_run_dir(path)]  # raises the error that says what was expected
-    return [resolve_run_dir(table) for table in tables]
+        return [find_run(path)]  # raises the error that says what was expected
+    return [find_run(join(str(path), table)) for table in tables]
 
 
-def remote_runs_to_inspect(url: str) -> list[str]:
-    """:func:`runs_to_inspect` for a URL (``s3://bucket/out``): the URLs of the runs it designates."""
-    filesystem, root = resolve(url)
-    root = root.rstrip("/")
-    with storage_errors(url, OutputError):
-        if filesystem.isfile(join(root, MANIFEST_FILE)) or filesystem.isfile(join(root, LATEST_FILE)):
-            return [resolve_remote_run(url)]
-        children = filesystem.ls(root, detail=False) if filesystem.isdir(root) else []
-        tables = sorted(
-            (
-                child.rstrip("/").rsplit("/", 1)[-1]
-                for child in children
-                if filesystem.isfile(join(child, LATEST_FILE))
-            ),
-            key=lambda name: (TABLE_ORDER.get(name, len(TABLE_ORDER)), name),
-        )
-    if not tables:
-        return [resolve_remote_run(url)]  # raises the error that says what was expected
-    return [resolve_remote_run(join(url, table)) for table in tables]
+def _table_and_id(run: Run) -> tuple[str, str] | None:
+    """(table location, run id) of a run under ``<table>/runs/``; None for a run directory elsewhere."""
+    parts = str(run).rstrip("/").rsplit("/", 2)
+    if len(parts) < 3 or parts[1] != "runs":
+        return None
+    return parts[0], parts[2]
 
 
-def _size(run_dir: Path | str, files: list[dict[str, Any]]) -> str:
-    if is_remote(run_dir):
-        filesystem, root = resolve(str(run_dir))
-        sizes = filesystem.ls(root, detail=True)
-        by_name = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size") or 0 for info in sizes}
-        total = sum(by_name.get(entry["name"], 0) for entry in files)
-    else:
-        run_dir = Path(run_dir)
-        total = sum(
-            (run_dir / entry["name"]).stat().st_size for entry in files if (run_dir / entry["name"]).exists()
-        )
+def is_current(run: Run) -> bool:
+    """Whether its table's ``LATEST`` names ``run``."""
+    where = _table_and_id(run)
+    if where is None:
+        return False
+    try:
+        return read_bytes(join(where[0], LATEST_FILE)).decode().strip() == where[1]
+    except OSError:
+        return False
+
+
+def _output_above(run: Run, path: str | Path) -> str | Path:
+    """The output a run belongs to, or ``path`` itself for a run directory that is not under ``runs/``."""
+    return output_of_run(run) if _table_and_id(run) is not None else path
+
+
+def _size(run_dir: Run, files: list[dict[str, Any]]) -> str:
+    total: float = 0
+    for entry in files:
+        with contextlib.suppress(FileNotFoundError):
+            total += size(join(str(run_dir), entry["name"]))
     for unit in ("B", "KiB", "MiB", "GiB"):
         if total < 1024 or unit == "GiB":
             return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"
@@ -98,7 +115,7 @@ def training_seconds(history: list[dict[str, Any]]) -> float:
     return max((float(record.get("seconds", 0.0)) for record in history), default=0.0)
 
 
-def describe_run(run_dir: Path | str, *, current: bool) -> Panel:
+def describe_run(run_dir: Run, *, current: bool) -> Panel:
     """A panel summarising one run's manifest: what, how big, how well, and its loss curve."""
     manifest = read_manifest(run_dir)
     facts = Table.grid(padding=(0, 2))
@@ -160,34 +177,25 @@ def inspect_run(
     ],
 ) -> None:
     """Summarise published runs: model, rank, rows, metrics and the loss curve."""
-    if is_remote(path):
-        for run_url in remote_runs_to_inspect(path):
-            table_url, run_id = run_url.rsplit("/runs/", 1)
-            filesystem, table_path = resolve(table_url)
-            with storage_errors(table_url, OutputError):
-                latest = filesystem.cat_file(join(table_path, LATEST_FILE)).decode().strip()
-            console.print(describe_run(run_url, current=latest == run_id))
-        return
-    for run_dir in runs_to_inspect(Path(local_path(path))):
-        latest = run_dir.parent.parent / LATEST_FILE
-        current = latest.is_file() and latest.read_text().strip() == run_dir.name
-        console.print(describe_run(run_dir, current=current))
+    with store_errors(path):
+        for run in runs_to_inspect(path):
+            console.print(describe_run(run, current=is_current(run)))
 
 
-def neighbors_run_dir(path: Path) -> Path:
+def neighbors_run_dir(path: str | Path) -> Run:
     """The neighbours run for ``path``: an output directory, the neighbors table or a run of it.
 
     A path to the ``items`` table (or one of its runs) finds the neighbors
     table beside it.
     """
-    if (path / "neighbors" / LATEST_FILE).is_file():
-        return resolve_run_dir(path / "neighbors")
-    run_dir = resolve_run_dir(path)
+    if _has(path, "neighbors", LATEST_FILE):
+        return find_run(join(str(path), "neighbors"))
+    run_dir = find_run(path)
     if read_manifest(run_dir).get("table") == "neighbors":
         return run_dir
-    output = run_dir.parents[2] if len(run_dir.parents) >= 3 else path
-    if (output / "neighbors" / LATEST_FILE).is_file():
-        return resolve_run_dir(output / "neighbors")
+    output = _output_above(run_dir, path)
+    if _has(output, "neighbors", LATEST_FILE):
+        return find_run(join(str(output), "neighbors"))
     raise NotFoundError(f"no neighbors table for {path}; compute it with: mf-dist neighbors {output}")
 
 
@@ -214,20 +222,19 @@ class SimilarItems:
     how: str
 
 
-def output_root(path: Path) -> Path:
+def output_root(path: str | Path) -> str | Path:
     """The output directory of ``path``: itself, or the output above a table or run directory."""
-    if any((path / table / LATEST_FILE).is_file() for table in ("items", "neighbors", "ann")):
+    if any(_has(path, table, LATEST_FILE) for table in ("items", "neighbors", "ann")):
         return path
-    run_dir = resolve_run_dir(path)
-    return run_dir.parents[2] if len(run_dir.parents) >= 3 else path
+    return _output_above(find_run(path), path)
 
 
-def current_ann_run(output: Path) -> Path | None:
+def current_ann_run(output: str | Path) -> Run | None:
     """The current ANN run of ``output`` if it indexes the current ``items`` run (a stale one is ignored)."""
-    if not (output / "ann" / LATEST_FILE).is_file() or not (output / "items" / LATEST_FILE).is_file():
+    if not _has(output, "ann", LATEST_FILE) or not _has(output, "items", LATEST_FILE):
         return None
-    run_dir = resolve_run_dir(output / "ann")
-    items_run = resolve_run_dir(output / "items").name
+    run_dir = find_run(join(str(output), "ann"))
+    items_run = str(find_run(join(str(output), "items"))).rstrip("/").rsplit("/", 1)[-1]
     return run_dir if read_manifest(run_dir)["source"]["run_id"] == items_run else None
 
 
@@ -238,19 +245,20 @@ def _position(ids: list[Any], wanted: object, where: Path | str) -> int:
         raise NotFoundError(f"item {str(wanted)!r} is not in {where} ({len(ids):,} items)") from None
 
 
-def similar_by_ann(run_dir: Path, wanted: object, top: int) -> SimilarItems:
+def similar_by_ann(run_dir: Run, wanted: object, top: int) -> SimilarItems:
     """The index's nearest items by inner product with the item's own embedding (approximate).
 
     With biases the index holds ``[embedding, bias]``; the query is
     ``[embedding, 0]``, so the score is the plain dot product of the embeddings.
+    On an object store the index is downloaded to a temporary file to be loaded.
     """
     from mf_dist.stages.ann import load_index
     from mf_dist.storage.reader import read_embeddings
 
     index, manifest = load_index(run_dir)
     # The indexed items run, beside the index (the manifest's absolute path may have moved).
-    items = read_embeddings(run_dir.parents[2] / "items" / "runs" / manifest["source"]["run_id"], "items")
-    ids = pq.read_table(run_dir / "items.parquet")["item_id"].to_pylist()
+    items = read_embeddings(run_in(output_of_run(run_dir), "items", manifest["source"]["run_id"]), "items")
+    ids = read_table(join(str(run_dir), "items.parquet"))["item_id"].to_pylist()
     position = _position(ids, wanted, run_dir)
     query = items.vectors[position]
     if items.bias is not None:
@@ -272,12 +280,12 @@ def similar_by_ann(run_dir: Path, wanted: object, top: int) -> SimilarItems:
     )
 
 
-def similar_by_neighbors(run_dir: Path, wanted: object, top: int) -> SimilarItems:
+def similar_by_neighbors(run_dir: Run, wanted: object, top: int) -> SimilarItems:
     """The item's rows of the neighbors table."""
     manifest = read_manifest(run_dir)
     try:
         rows = pa.concat_tables(
-            pq.read_table(run_dir / entry["name"], filters=[("item_id", "==", wanted)])
+            read_table(join(str(run_dir), entry["name"]), filters=[("item_id", "==", wanted)])
             for entry in manifest["files"]
         ).sort_by("rank")
     except (OSError, pa.ArrowInvalid) as exc:
@@ -291,7 +299,7 @@ def similar_by_neighbors(run_dir: Path, wanted: object, top: int) -> SimilarItem
     )
 
 
-def similar_by_exact_cosine(output: Path, wanted: object, top: int) -> SimilarItems:
+def similar_by_exact_cosine(output: str | Path, wanted: object, top: int) -> SimilarItems:
     """Cosine against every item of the current ``items`` run (a zero vector scores 0); ties by row."""
     from mf_dist.storage.reader import read_embeddings
 
@@ -311,7 +319,7 @@ def similar_by_exact_cosine(output: Path, wanted: object, top: int) -> SimilarIt
     )
 
 
-def _ann_searchable(run_dir: Path) -> bool:
+def _ann_searchable(run_dir: Run) -> bool:
     """Whether the index's library (the ``ann`` extra) is installed here."""
     import importlib.util
 
@@ -319,21 +327,21 @@ def _ann_searchable(run_dir: Path) -> bool:
     return importlib.util.find_spec("faiss" if kind == "faiss" else "hnswlib") is not None
 
 
-def given_neighbors_run(path: Path) -> Path | None:
+def given_neighbors_run(path: str | Path) -> Run | None:
     """The neighbors run ``path`` names when it is the neighbors table or one of its runs, else None."""
-    if not ((path / MANIFEST_FILE).is_file() or (path / LATEST_FILE).is_file()):
+    if not (_has(path, MANIFEST_FILE) or _has(path, LATEST_FILE)):
         return None
-    run_dir = resolve_run_dir(path)
+    run_dir = find_run(path)
     return run_dir if read_manifest(run_dir).get("table") == "neighbors" else None
 
 
-def find_similar(path: Path, item_id: str, top: int, source: SimilarSource = "auto") -> SimilarItems:
+def find_similar(path: str | Path, item_id: str, top: int, source: SimilarSource = "auto") -> SimilarItems:
     """An item's most similar items from the best source there is.
 
     ``auto``: the ANN index when the output has one of its current ``items``
     run (and its library is installed), else the neighbors table, else exact
     cosine over the items table. ``path`` may also name the neighbors table
-    or one of its runs, which is then what answers.
+    or one of its runs, which is then what answers. Any of them may be a URL.
     """
     given = given_neighbors_run(path)
     if given is not None and source in ("auto", "neighbors"):
@@ -342,20 +350,20 @@ def find_similar(path: Path, item_id: str, top: int, source: SimilarSource = "au
     if source in ("auto", "ann"):
         ann_run = current_ann_run(output)
         if ann_run is not None and (source == "ann" or _ann_searchable(ann_run)):
-            indexed = output / "items" / "runs" / read_manifest(ann_run)["source"]["run_id"]
+            indexed = run_in(output, "items", read_manifest(ann_run)["source"]["run_id"])
             return similar_by_ann(ann_run, _wanted(indexed, item_id), top)
         if source == "ann":
             raise NotFoundError(
                 f"no ANN index of the current items run in {output}; build it with: mf-dist ann {output}"
             )
-    if source == "neighbors" or (source == "auto" and (output / "neighbors" / LATEST_FILE).is_file()):
+    if source == "neighbors" or (source == "auto" and _has(output, "neighbors", LATEST_FILE)):
         run_dir = neighbors_run_dir(output)
         return similar_by_neighbors(run_dir, _wanted(run_dir, item_id), top)
-    items_run = resolve_run_dir(output / "items" if (output / "items").is_dir() else output, "items")
+    items_run = find_run(join(str(output), "items") if _has(output, "items") else output, "items")
     return similar_by_exact_cosine(output, _wanted(items_run, item_id), top)
 
 
-def _wanted(run_dir: Path, item_id: str) -> object:
+def _wanted(run_dir: Run, item_id: str) -> object:
     """``item_id`` parsed as the id type of ``run_dir`` (an items or neighbors run)."""
     manifest = read_manifest(run_dir)
     return parse_item_id(item_id, pa.type_for_alias(manifest["id_type"]))
@@ -363,7 +371,8 @@ def _wanted(run_dir: Path, item_id: str) -> object:
 
 def similar(
     path: Annotated[
-        Path, typer.Argument(help="Output directory, or the neighbors table or one of its runs.")
+        str,
+        typer.Argument(help="Output directory, or the neighbors table or one of its runs; or its URL."),
     ],
     item_id: Annotated[str, typer.Argument(help="The item's original id.")],
     top: Annotated[int, typer.Option(help="Show at most this many neighbours.")] = 20,
@@ -376,7 +385,8 @@ def similar(
     ] = "auto",
 ) -> None:
     """Print an item's most similar items: from the ANN index, the neighbors table or the items themselves."""
-    found = find_similar(path, item_id, top, source)
+    with store_errors(path):
+        found = find_similar(path, item_id, top, source)
     console.print(f"items most similar to [bold]{item_id}[/] by {found.how}", highlight=False)
     table = Table()
     table.add_column("rank", justify="right")

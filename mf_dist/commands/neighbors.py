@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -19,12 +18,13 @@ console = Console()
 
 def neighbors(
     path: Annotated[
-        Path, typer.Argument(help="Output directory, items table (e.g. out/items) or one of its runs.")
+        str,
+        typer.Argument(help="Output directory, items table (e.g. out/items) or one of its runs; or its URL."),
     ],
     k: Annotated[int, typer.Option("--k", "-k", help="Neighbours per item.")] = 10,
     metric: Annotated[NeighborsMetric, typer.Option(help="Similarity: cosine or dot product.")] = "cosine",
     output: Annotated[
-        Optional[Path], typer.Option(help="Where neighbors/ goes (default: beside the items table).")
+        Optional[str], typer.Option(help="Where neighbors/ goes (default: beside the items table).")
     ] = None,
     block_size: Annotated[int, typer.Option(help="Items per block (scores per task: block²).")] = 4096,
     workers: WorkersOption = None,
@@ -36,15 +36,15 @@ def neighbors(
     # Imported here: torch and Dask take seconds to import, and `mf-dist --help` should not wait.
     from mf_dist.runtime.cluster import open_client
     from mf_dist.stages.neighbors import item_neighbors
-    from mf_dist.storage.output_lock import exclusive_directory
-    from mf_dist.storage.reader import resolve_run_dir
+    from mf_dist.storage.output_lock import exclusive_output
+    from mf_dist.storage.reader import find_run, output_of_run
 
     started = time.perf_counter()
     # A pipeline run starting on this output would otherwise take our
     # half-written table for debris of a killed run (see mf_dist.storage.output_lock).
-    target = output if output is not None else resolve_run_dir(path, "items").parents[2]
+    target = output if output is not None else output_of_run(find_run(path, "items"))
     with (
-        exclusive_directory(target, purpose="mf-dist neighbors"),
+        exclusive_output(target, purpose="mf-dist neighbors"),
         open_client(workers=workers or default_worker_count(), scheduler=scheduler) as client,
         count_progress(console, "neighbours", "blocks", quiet=quiet) as on_block,
     ):

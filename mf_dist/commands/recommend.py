@@ -44,7 +44,7 @@ def read_user_ids(path: Path) -> list[Any]:
         return lines
 
 
-def read_training_ratings(path: Path, config: dict[str, Any], like_rule: bool) -> pd.DataFrame:
+def read_training_ratings(path: str | Path, config: dict[str, Any], like_rule: bool) -> pd.DataFrame:
     """The run's training ratings from ``path`` (Parquet file, directory or glob) as ``user_id``,
     ``item_id`` and (when present) ``rating`` columns, read by the run config's column names.
 
@@ -52,9 +52,9 @@ def read_training_ratings(path: Path, config: dict[str, Any], like_rule: bool) -
     naming the file and the column when one is missing.
     """
     import pandas as pd
-    import pyarrow.parquet as pq
 
     from mf_dist.storage.input_files import list_input_files
+    from mf_dist.storage.store import read_schema, read_table
 
     names = {
         config.get("user_col") or "user_id": "user_id",
@@ -64,7 +64,7 @@ def read_training_ratings(path: Path, config: dict[str, Any], like_rule: bool) -
     frames = []
     for file in list_input_files(str(path)):
         try:
-            present = pq.read_schema(file).names
+            present = read_schema(file).names
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read the training ratings: {exc}", file=file) from exc
         for column in names:
@@ -75,12 +75,14 @@ def read_training_ratings(path: Path, config: dict[str, Any], like_rule: bool) -
                     column=column,
                 )
         wanted = [*names, *([rating] if like_rule and rating in present else [])]
-        frames.append(pq.read_table(file, columns=wanted).to_pandas())
+        frames.append(read_table(file, columns=wanted).to_pandas())
     return pd.concat(frames, ignore_index=True).rename(columns={**names, rating: "rating"})
 
 
 def recommend(
-    path: Annotated[Path, typer.Argument(help="Output directory of a run with users and items tables.")],
+    path: Annotated[
+        str, typer.Argument(help="Output directory (or URL) of a run with users and items tables.")
+    ],
     n: Annotated[int, typer.Option("--n", "-n", help="Items per user.")] = 10,
     users: Annotated[
         Optional[Path],
@@ -90,11 +92,11 @@ def recommend(
         bool, typer.Option("--keep-seen", help="Keep the items users already rated (liked) in training.")
     ] = False,
     work_dir: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option(help="The run's work directory, where seen items are read (default: the run's own)."),
     ] = None,
     input: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option(
             "--input",
             help="Read seen items from these training ratings (Parquet file, directory or glob, the "
@@ -103,7 +105,7 @@ def recommend(
     ] = None,
     run: Annotated[Optional[str], typer.Option(help="Run id (default: the current users run).")] = None,
     output: Annotated[
-        Optional[Path], typer.Option(help="Where recommendations/ goes (default: PATH).")
+        Optional[str], typer.Option(help="Where recommendations/ goes (default: PATH).")
     ] = None,
     block_size: Annotated[int, typer.Option(help="Users or items per block.")] = 4096,
     workers: WorkersOption = None,
@@ -122,11 +124,12 @@ def recommend(
     from mf_dist.registry import model_spec
     from mf_dist.runtime.cluster import open_client
     from mf_dist.stages.recommend import recommend_items
-    from mf_dist.storage.output_lock import exclusive_directory
-    from mf_dist.storage.reader import read_manifest, resolve_run_dir
+    from mf_dist.storage.output_lock import exclusive_output
+    from mf_dist.storage.reader import find_run, output_of_run, read_manifest, run_in
+    from mf_dist.storage.store import join
 
     started = time.perf_counter()
-    users_run = resolve_run_dir(path / "users" / "runs" / run if run else path, "users")
+    users_run = find_run(run_in(path, "users", run) if run else path, "users")
     users_manifest = read_manifest(users_run)
     config = users_manifest.get("config") or {}
     seen_ratings = None
@@ -134,11 +137,11 @@ def recommend(
         like_rule = model_spec(users_manifest["model"]).seen_items == "liked"
         seen_ratings = read_training_ratings(input, config, like_rule)
     elif work_dir is None and not keep_seen:
-        work_dir = Path(config["work_dir"]) if config.get("work_dir") else users_run.parents[2] / "_work"
+        work_dir = config.get("work_dir") or join(str(output_of_run(users_run)), "_work")
     wanted = read_user_ids(users) if users is not None else None
     target = output if output is not None else path
     with (
-        exclusive_directory(target, purpose="mf-dist recommend"),
+        exclusive_output(target, purpose="mf-dist recommend"),
         open_client(workers=workers or default_worker_count(), scheduler=scheduler) as client,
         count_progress(console, "recommendations", "blocks", quiet=quiet) as on_block,
     ):

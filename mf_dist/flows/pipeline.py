@@ -276,13 +276,12 @@ def evaluate_task(scheduler: str, ingest: IngestResult, trained: TrainResult) ->
 
 @task(name="neighbors", cache_policy=NO_CACHE, retry_condition_fn=is_transient, result_serializer="json")
 def neighbors_task(scheduler: str, config: RunConfig, run_id: str) -> tuple[NeighborsResult, StageReport]:
-    items = Path(config.output) / "items"
     return _run_stage(
         "neighbors",
         scheduler,
         lambda client: item_neighbors(
             client,
-            items / "runs" / run_id,
+            join(config.output, "items", "runs", run_id),
             config.neighbors,
             config.neighbors_metric,
             output=config.output,

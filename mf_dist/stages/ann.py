@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import Client
 from pydantic import BaseModel
 
 from mf_dist.errors import ConfigError
-from mf_dist.storage.publish import fsync_path, new_run_id, publish_run, staged_run, write_manifest
-from mf_dist.storage.reader import read_embeddings, read_manifest, resolve_run_dir
+from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
+from mf_dist.storage.reader import find_run, output_of_run, read_embeddings, read_manifest, run_in
 from mf_dist.storage.schema import FORMAT_VERSION
+from mf_dist.storage.store import join, local_copy, local_file_to_write, write_table
 
 ANN_TABLE = "ann"
 ANN_KINDS = ("faiss", "hnsw")
@@ -70,51 +70,60 @@ def query_vectors(vectors: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([vectors, ones], axis=1), dtype=np.float32)
 
 
-def build_index(kind: str, rows: np.ndarray, path: str) -> None:
-    """Build the ``kind`` HNSW index of ``rows`` (inner product) and write it to ``path``."""
-    if kind == "faiss":
-        import faiss
+def build_index(kind: str, rows: np.ndarray, location: str) -> None:
+    """Build the ``kind`` HNSW index of ``rows`` (inner product) and write it to ``location``.
 
-        index = faiss.IndexHNSWFlat(rows.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = EF_CONSTRUCTION
-        index.hnsw.efSearch = EF_SEARCH
-        index.add(rows)
-        faiss.write_index(index, path)
-    else:
-        import hnswlib
+    faiss and hnswlib write only to local files: on an object store the index
+    is built in a temporary directory and uploaded as one object
+    (:func:`~mf_dist.storage.store.local_file_to_write`).
+    """
+    with local_file_to_write(location) as path:
+        if kind == "faiss":
+            import faiss
 
-        index = hnswlib.Index(space="ip", dim=rows.shape[1])
-        index.init_index(max_elements=len(rows), ef_construction=EF_CONSTRUCTION, M=HNSW_M)
-        index.add_items(rows, np.arange(len(rows)))
-        index.set_ef(EF_SEARCH)
-        index.save_index(path)
-    fsync_path(path)
+            index = faiss.IndexHNSWFlat(rows.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = EF_CONSTRUCTION
+            index.hnsw.efSearch = EF_SEARCH
+            index.add(rows)
+            faiss.write_index(index, path)
+        else:
+            import hnswlib
+
+            index = hnswlib.Index(space="ip", dim=rows.shape[1])
+            index.init_index(max_elements=len(rows), ef_construction=EF_CONSTRUCTION, M=HNSW_M)
+            index.add_items(rows, np.arange(len(rows)))
+            index.set_ef(EF_SEARCH)
+            index.save_index(path)
 
 
 def load_index(run_dir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """(index, manifest) of a published ANN run: a faiss index or an hnswlib ``Index``, ready to search."""
+    """(index, manifest) of a published ANN run: a faiss index or an hnswlib ``Index``, ready to search.
+
+    ``run_dir`` may be a URL: the index is then downloaded to a temporary file
+    to be loaded (both libraries read only local files), and the file removed.
+    """
     manifest = read_manifest(run_dir)
-    path = str(Path(run_dir) / INDEX_FILES[manifest["kind"]])
-    if manifest["kind"] == "faiss":
-        import faiss
+    with local_copy(join(str(run_dir), INDEX_FILES[manifest["kind"]])) as path:
+        if manifest["kind"] == "faiss":
+            import faiss
 
-        index = faiss.read_index(path)
-        index.hnsw.efSearch = EF_SEARCH
+            index = faiss.read_index(path)
+            index.hnsw.efSearch = EF_SEARCH
+            return index, manifest
+        import hnswlib
+
+        index = hnswlib.Index(space="ip", dim=int(manifest["dim"]))
+        index.load_index(path, max_elements=int(manifest["items"]))
+        index.set_ef(EF_SEARCH)
         return index, manifest
-    import hnswlib
-
-    index = hnswlib.Index(space="ip", dim=int(manifest["dim"]))
-    index.load_index(path, max_elements=int(manifest["items"]))
-    index.set_ef(EF_SEARCH)
-    return index, manifest
 
 
 def _build(kind: str, items_run: str, partial: str) -> tuple[int, int]:
     items = read_embeddings(items_run, "items")
     rows = index_vectors(items.vectors, items.bias)
-    build_index(kind, rows, str(Path(partial) / INDEX_FILES[kind]))
+    build_index(kind, rows, join(partial, INDEX_FILES[kind]))
     ids = pa.array(items.ids.tolist(), type=pa.type_for_alias(items.manifest["id_type"]))
-    pq.write_table(pa.table({"item_id": ids}), str(Path(partial) / "items.parquet"))
+    write_table(pa.table({"item_id": ids}), join(partial, "items.parquet"), durable=True)
     return len(rows), rows.shape[1]
 
 
@@ -130,20 +139,19 @@ def build_ann(
 ) -> AnnResult:
     """Build and publish the ``ann`` index of an items run.
 
-    ``source`` is an output directory, items table or run; ``source_run_id``
+    ``source`` is an output directory, items table or run, or the URL of one
+    (the index is then built in a temporary directory on the worker and
+    uploaded, see :func:`build_index`); ``source_run_id``
     picks a run of ``source/items``. ``publish=False`` leaves ``LATEST`` to the
     caller (the flow's commit). Raises :class:`ConfigError` for an unknown kind.
     """
     if kind not in ANN_KINDS:
         raise ConfigError(f"unknown ANN index {kind!r}; choose one of {', '.join(ANN_KINDS)}")
-    source = Path(source)
-    items_run = resolve_run_dir(
-        source / "items" / "runs" / source_run_id if source_run_id else source, "items"
-    )
+    items_run = find_run(run_in(source, "items", source_run_id) if source_run_id else source, "items")
     manifest = read_manifest(items_run)
-    output_dir = Path(output) if output is not None else items_run.parents[2]
+    output_dir = output if output is not None else output_of_run(items_run)
     run_id = run_id or new_run_id()
-    table_dir = output_dir / ANN_TABLE
+    table_dir = join(str(output_dir), ANN_TABLE)
     with staged_run(table_dir, run_id, "the ANN index") as partial:
         items, dim = client.submit(_build, kind, str(items_run), str(partial), pure=False).result()
         with_bias = "bias" in manifest.get("columns", [])
@@ -173,7 +181,7 @@ def build_ann(
         publish_run(table_dir, run_id)
     return AnnResult(
         run_id=run_id,
-        path=str(table_dir / "runs" / run_id),
+        path=join(table_dir, "runs", run_id),
         kind=kind,
         items=items,
         dim=dim,

@@ -33,8 +33,9 @@ import numpy as np
 from mf_dist.errors import ConfigError, InputError, OutputError
 from mf_dist.registry import model_spec
 from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
-from mf_dist.storage.reader import Embeddings, read_embeddings, read_manifest, resolve_run_dir
+from mf_dist.storage.reader import Embeddings, find_run, read_embeddings, read_manifest
 from mf_dist.storage.schema import embedding_table_schema
+from mf_dist.storage.store import join, write_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -195,12 +196,12 @@ def publish_folded_users(
     ``items`` run (the same run, or a fold-in of it). Users already in it get
     their new vectors in place; new ones are appended. The rating columns are
     the base run's (its config's ``user_col``, ``item_col``, ``rating_col``).
+    ``output`` may be a URL (``s3://bucket/out``): the run is then written
+    under ``users/runs/<run_id>/``, manifest last, and ``LATEST`` put after.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    output = Path(output)
-    base_dir = resolve_run_dir(output, "users")
+    base_dir = find_run(output, "users")
     base_manifest = read_manifest(base_dir)
     items = read_embeddings(output, "items")
     items_run_id = items.manifest["run_id"]
@@ -240,11 +241,11 @@ def publish_folded_users(
     if bias is not None:
         columns.append(pa.array(bias))
     run_id = run_id or new_run_id()
-    table_dir = output / "users"
+    table_dir = join(str(output), "users")
     with staged_run(table_dir, run_id, "the users table") as partial:
         name = "part-00000.parquet"
         table = pa.Table.from_arrays(columns, schema=schema)
-        pq.write_table(table, partial / name, row_group_size=max(1, table.num_rows))
+        write_table(table, join(str(partial), name), durable=True, row_group_size=max(1, table.num_rows))
         manifest = {
             **base_manifest,
             "run_id": run_id,
@@ -268,7 +269,7 @@ def publish_folded_users(
     publish_run(table_dir, run_id)
     return FoldInResult(
         run_id=run_id,
-        path=str(table_dir / "runs" / run_id),
+        path=join(table_dir, "runs", run_id),
         rows=table.num_rows,
         users_replaced=int(replaced.sum()),
         users_added=int(added.sum()),

@@ -28,7 +28,6 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from distributed import Client, as_completed
 from pydantic import BaseModel
@@ -36,9 +35,10 @@ from pydantic import BaseModel
 from mf_dist.errors import ConfigError, OutputError
 from mf_dist.runtime.cluster import compute_device, training_resources
 from mf_dist.stages.export import TARGET_PART_BYTES
-from mf_dist.storage.publish import fsync_path, new_run_id, publish_run, staged_run, write_manifest
-from mf_dist.storage.reader import read_manifest, resolve_run_dir
+from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
+from mf_dist.storage.reader import find_run, output_of_run, read_manifest
 from mf_dist.storage.schema import FORMAT_VERSION, neighbors_table_schema
+from mf_dist.storage.store import join, read_table, write_table
 
 Metric = Literal["cosine", "dot"]
 METRICS: tuple[str, ...] = ("cosine", "dot")
@@ -107,7 +107,7 @@ class ResidentBlock:
 
 def load_part_vectors(path: str, rank: int, metric: str) -> np.ndarray:
     """The embedding column of one part file as (rows, rank) float32, L2-normalised for cosine."""
-    column = pq.read_table(path, columns=["embedding"])["embedding"].combine_chunks()
+    column = read_table(path, columns=["embedding"])["embedding"].combine_chunks()
     vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     vectors = vectors.reshape(-1, rank)
     if metric == "cosine":
@@ -124,7 +124,7 @@ def make_block(part_vectors: np.ndarray, start: int, stop: int, offset: int, dev
 def load_ids(paths: list[str], id_column: str) -> pa.Array:
     """The id column of the whole table, in table-row order."""
     return pa.concat_arrays(
-        [pq.read_table(path, columns=[id_column])[id_column].combine_chunks() for path in paths]
+        [read_table(path, columns=[id_column])[id_column].combine_chunks() for path in paths]
     )
 
 
@@ -183,8 +183,7 @@ def write_neighbors_part(
         ],
         schema=schema,
     )
-    pq.write_table(table, path, row_group_size=table.num_rows)
-    fsync_path(path)
+    write_table(table, path, durable=True, row_group_size=table.num_rows)
     return table.num_rows
 
 
@@ -237,8 +236,10 @@ def item_neighbors(
     """Compute and publish the ``neighbors`` table of an ``items`` embedding table.
 
     ``source`` is an output directory, the ``items`` table directory or one
-    of its run directories; ``output`` (default: the output directory the
-    items table lives in) receives ``neighbors/``. ``k`` is capped at the
+    of its run directories, or the URL of one (``s3://bucket/out``); ``output``
+    (default: the output directory the items table lives in, a URL too)
+    receives ``neighbors/`` (on a store: no rename, the manifest last, see
+    :func:`mf_dist.storage.publish.staged_run`). ``k`` is capped at the
     number of items − 1. ``on_block(done, total)`` is called on the driver as
     query blocks finish. With ``publish=False`` the run is moved into place
     but ``LATEST`` is left to the caller (the flow commits all of a run's
@@ -253,7 +254,7 @@ def item_neighbors(
         raise ConfigError(f"k must be at least 1 (got {k})")
     if block_size < 1:
         raise ConfigError(f"block size must be at least 1 (got {block_size})")
-    source_run = resolve_run_dir(source, "items")
+    source_run = find_run(source, "items")
     manifest = read_manifest(source_run)
     if manifest.get("table") != "items" or "embedding" not in manifest.get("columns", []):
         raise OutputError(f"{source_run}: not an items embedding table (table {manifest.get('table')!r})")
@@ -264,9 +265,9 @@ def item_neighbors(
     rank = int(manifest["rank"])
     id_column = manifest["id_column"]
     id_type = pa.type_for_alias(manifest["id_type"])
-    part_paths = [str(source_run / entry["name"]) for entry in manifest["files"]]
+    part_paths = [join(str(source_run), entry["name"]) for entry in manifest["files"]]
     part_rows = [int(entry["rows"]) for entry in manifest["files"]]
-    output_dir = Path(output) if output is not None else source_run.parents[2]
+    output_dir = output if output is not None else output_of_run(source_run)
     run_id = run_id or new_run_id()
     resources = training_resources(client)
 
@@ -309,13 +310,13 @@ def item_neighbors(
     block_output_bytes = [bytes_per_row * k_effective * (spec.stop - spec.start) for spec in specs]
     output_groups = group_consecutive(block_output_bytes, TARGET_PART_BYTES)
     names = [f"part-{index:05d}.parquet" for index in range(len(output_groups))]
-    table_dir = output_dir / NEIGHBORS_TABLE
+    table_dir = join(str(output_dir), NEIGHBORS_TABLE)
     with staged_run(table_dir, run_id, "the neighbors table") as partial:
         rows = client.gather(
             [
                 client.submit(
                     write_neighbors_part,
-                    str(partial / name),
+                    join(str(partial), name),
                     [(specs[index].offset, finals[index]) for index in group],
                     ids,
                     id_type,
@@ -353,7 +354,7 @@ def item_neighbors(
         publish_run(table_dir, run_id)
     return NeighborsResult(
         run_id=run_id,
-        path=str(table_dir / "runs" / run_id),
+        path=join(table_dir, "runs", run_id),
         rows=int(sum(rows)),
         k=k_effective,
         metric=metric,

@@ -44,7 +44,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from distributed import Client, as_completed
 from pydantic import BaseModel
@@ -55,10 +54,10 @@ from mf_dist.runtime.cluster import compute_device, training_resources
 from mf_dist.stages.export import TARGET_PART_BYTES
 from mf_dist.stages.neighbors import group_consecutive, load_ids, plan_blocks
 from mf_dist.storage.ingested import IngestResult, liked_mask, load_ingest_result
-from mf_dist.storage.publish import fsync_path, new_run_id, publish_run, staged_run, write_manifest
-from mf_dist.storage.reader import read_manifest, resolve_run_dir
+from mf_dist.storage.publish import new_run_id, publish_run, staged_run, write_manifest
+from mf_dist.storage.reader import find_run, output_of_run, read_manifest, run_in
 from mf_dist.storage.schema import FORMAT_VERSION, recommendations_table_schema
-from mf_dist.storage.store import read_table
+from mf_dist.storage.store import join, read_table, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -432,8 +431,7 @@ def write_recommendations_part(
         ],
         schema=schema,
     )
-    pq.write_table(table, path, row_group_size=max(1, table.num_rows))
-    fsync_path(path)
+    write_table(table, path, durable=True, row_group_size=max(1, table.num_rows))
     return table.num_rows, short
 
 
@@ -441,10 +439,10 @@ def describe_device(device_preference: str) -> str:
     return str(compute_device(device_preference))
 
 
-def _table_run(source: Path, table: str, run_id: str | None) -> Path:
+def _table_run(source: str | Path, table: str, run_id: str | None) -> Path | str:
     if run_id is not None:
-        return resolve_run_dir(Path(source) / table / "runs" / run_id, table)
-    return resolve_run_dir(source, table)
+        return find_run(run_in(source, table, run_id), table)
+    return find_run(source, table)
 
 
 def check_ingest_matches(ingest: IngestResult, users: dict[str, Any], items: dict[str, Any]) -> None:
@@ -526,7 +524,8 @@ def recommend_items(
 ) -> RecommendResult:
     """Compute and publish the ``recommendations`` table of a run with ``users`` and ``items`` tables.
 
-    ``source`` is the output directory; ``source_run_id`` picks a run
+    ``source`` is the output directory (or its URL; ``work_dir`` and ``output``
+    may be URLs as well); ``source_run_id`` picks a run
     (default: the current ``users`` run, whose ``items`` run must be the same
     run). ``work_dir`` holds the run's ingest, from which seen items are
     excluded unless ``keep_seen``. ``users`` restricts the table to those
@@ -547,7 +546,6 @@ def recommend_items(
         raise ConfigError(f"n must be at least 1 (got {n})")
     if block_size < 1:
         raise ConfigError(f"block size must be at least 1 (got {block_size})")
-    source = Path(source)
     users_run = _table_run(source, "users", source_run_id)
     users_manifest = read_manifest(users_run)
     # A fold-in's users run names the items run its vectors go with.
@@ -583,12 +581,12 @@ def recommend_items(
 
     user_types = pa.type_for_alias(users_manifest["id_type"])
     item_types = pa.type_for_alias(items_manifest["id_type"])
-    user_paths = [str(users_run / entry["name"]) for entry in users_manifest["files"]]
-    item_paths = [str(items_run / entry["name"]) for entry in items_manifest["files"]]
+    user_paths = [join(str(users_run), entry["name"]) for entry in users_manifest["files"]]
+    item_paths = [join(str(items_run), entry["name"]) for entry in items_manifest["files"]]
     user_part_rows = [int(entry["rows"]) for entry in users_manifest["files"]]
     item_part_rows = [int(entry["rows"]) for entry in items_manifest["files"]]
     n_users = sum(user_part_rows)
-    output_dir = Path(output) if output is not None else source
+    output_dir = output if output is not None else source
     run_id = run_id or new_run_id()
     resources = training_resources(client)
 
@@ -678,13 +676,13 @@ def recommend_items(
         [bytes_per_row * n * len(rows) for rows in query_rows], TARGET_PART_BYTES
     )
     names = [f"part-{index:05d}.parquet" for index in range(len(output_groups))]
-    table_dir = output_dir / RECOMMENDATIONS_TABLE
+    table_dir = join(str(output_dir), RECOMMENDATIONS_TABLE)
     with staged_run(table_dir, run_id, "the recommendations table") as partial:
         written = client.gather(
             [
                 client.submit(
                     write_recommendations_part,
-                    str(partial / name),
+                    join(str(partial), name),
                     [(query_rows[index], finals[index]) for index in group],
                     user_ids,
                     item_ids,
@@ -715,7 +713,7 @@ def recommend_items(
             "files": [{"name": name, "rows": int(count)} for name, count in zip(names, rows, strict=True)],
             "source": {
                 "tables": ["users", "items"],
-                "path": str(users_run.parents[2]),
+                "path": str(output_of_run(users_run)),
                 "run_id": users_manifest["run_id"],
                 "model": users_manifest.get("model"),
                 "rank": rank,
@@ -731,7 +729,7 @@ def recommend_items(
         publish_run(table_dir, run_id)
     return RecommendResult(
         run_id=run_id,
-        path=str(table_dir / "runs" / run_id),
+        path=join(table_dir, "runs", run_id),
         rows=int(sum(rows)),
         n=n,
         users=len(selected),

@@ -235,6 +235,19 @@ def exclusive_run(
         yield
 
 
+@contextlib.contextmanager
+def exclusive_output(
+    output: str | Path, purpose: str = "", storage_options: dict[str, Any] | None = None
+) -> Iterator[None]:
+    """Hold the lock of one output, local or not, for a command that publishes a table there.
+
+    :func:`exclusive_run` with the output as its own work directory: a flocked
+    directory, or (after its bucket is checked) the lock object of an output URL.
+    """
+    with exclusive_run(output, output, purpose, storage_options):
+        yield
+
+
 def probe_writable(location: str, storage_options: dict[str, Any] | None = None) -> None:
     """Write and delete a tiny object under ``location``; :class:`OutputError` (one line) when denied."""
     filesystem, root = resolve(location, storage_options)

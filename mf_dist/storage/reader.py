@@ -35,13 +35,12 @@ from mf_dist.storage.filesystems import (
     resolve,
     storage_errors,
 )
+from mf_dist.storage.publish import LATEST_FILE, MANIFEST_FILE
 from mf_dist.storage.schema import FORMAT_VERSION
+from mf_dist.storage.store import options_for
 
 if TYPE_CHECKING:
     import torch
-
-MANIFEST_FILE = "_manifest.json"
-LATEST_FILE = "LATEST"
 
 
 def resolve_run_dir(path: str | Path, table: str = "items") -> Path:
@@ -74,8 +73,40 @@ def resolve_run_dir(path: str | Path, table: str = "items") -> Path:
     return run_dir
 
 
+def _options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The options given, else those a run registered for the URL's bucket (inside a pipeline run)."""
+    return storage_options if storage_options is not None else options_for(url)
+
+
+def find_run(
+    path: str | Path, table: str = "items", storage_options: dict[str, Any] | None = None
+) -> Path | str:
+    """The run ``path`` designates, local or not: a :class:`Path` for a local path, the run's URL for a URL.
+
+    :func:`resolve_run_dir` or :func:`resolve_remote_run`, whichever ``path`` needs.
+    """
+    if is_remote(path):
+        return resolve_remote_run(str(path), table, storage_options)
+    return resolve_run_dir(local_path(path), table)
+
+
+def output_of_run(run: Path | str) -> Path | str:
+    """The output directory (or URL) a run belongs to: ``<output>/<table>/runs/<run_id>`` → ``<output>``."""
+    if isinstance(run, Path):
+        return run.parents[2]
+    return str(run).rstrip("/").rsplit("/", 3)[0]
+
+
+def run_in(output: str | Path, table: str, run_id: str) -> Path | str:
+    """The location of run ``run_id`` of ``table`` under ``output`` (a Path when local, else a URL)."""
+    if is_remote(output):
+        return join(str(output), table, "runs", run_id)
+    return Path(local_path(output)) / table / "runs" / run_id
+
+
 def resolve_remote_run(url: str, table: str = "items", storage_options: dict[str, Any] | None = None) -> str:
     """:func:`resolve_run_dir` for a URL: the URL of the run it designates."""
+    storage_options = _options(url, storage_options)
     filesystem, path = resolve(url, storage_options)
     path = path.rstrip("/")
     with storage_errors(url, OutputError):
@@ -104,7 +135,7 @@ def resolve_remote_run(url: str, table: str = "items", storage_options: dict[str
 def read_manifest(run_dir: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of one run, after checking that its format version is the one this code reads."""
     if is_remote(run_dir):
-        filesystem, path = resolve(str(run_dir), storage_options)
+        filesystem, path = resolve(str(run_dir), _options(str(run_dir), storage_options))
         manifest_path: Any = join(str(run_dir), MANIFEST_FILE)
         with storage_errors(manifest_path, OutputError):
             try:
@@ -166,6 +197,7 @@ def read_published(
 def _read_published_remote(
     url: str, table: str, storage_options: dict[str, Any] | None
 ) -> tuple[pa.Table, dict[str, Any], Any]:
+    storage_options = _options(url, storage_options)
     run_url = resolve_remote_run(url, table, storage_options)
     manifest = read_manifest(run_url, storage_options)
     filesystem, run_path = resolve(run_url, storage_options)

@@ -56,6 +56,7 @@ import contextlib
 import io
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,17 @@ __all__ = [
     "list_names",
     "load_array",
     "load_arrays",
+    "local_copy",
+    "local_file_to_write",
     "make_dirs",
+    "options_for",
     "put_atomic",
     "read_bytes",
     "read_schema",
     "read_table",
     "save_array",
     "save_arrays",
+    "size",
     "storage_options_in_use",
     "storage_options_shared",
     "write_bytes",
@@ -110,8 +115,9 @@ def storage_options_in_use(
                 _OPTIONS[root] = options
 
 
-def _options(location: str) -> dict[str, Any] | None:
-    return _OPTIONS.get(root_of(location))
+def options_for(location: str) -> dict[str, Any] | None:
+    """The storage options registered in this process for the bucket of ``location`` (None: none)."""
+    return _OPTIONS.get(root_of(location)) if is_remote(location) else None
 
 
 @contextlib.contextmanager
@@ -132,7 +138,7 @@ def storage_options_shared(client: Any) -> Iterator[None]:
 
 
 def _remote(location: str) -> tuple[Any, str]:
-    return resolve(location, _options(location))
+    return resolve(location, options_for(location))
 
 
 def read_bytes(location: str | Path) -> bytes:
@@ -254,8 +260,11 @@ def read_schema(location: str | Path) -> pa.Schema:
     return pq.read_schema(local_path(location))
 
 
-def write_table(table: pa.Table, location: str | Path, **options: Any) -> None:
-    """Write ``table`` as one Parquet file (``options``: ``pq.write_table``'s, e.g. ``row_group_size``)."""
+def write_table(table: pa.Table, location: str | Path, *, durable: bool = False, **options: Any) -> None:
+    """Write ``table`` as one Parquet file (``options``: ``pq.write_table``'s, e.g. ``row_group_size``).
+
+    ``durable``: fsync a local file (a published table's part); an object is whole once its put returns.
+    """
     location = str(location)
     if is_remote(location):
         buffer = pa.BufferOutputStream()
@@ -263,6 +272,64 @@ def write_table(table: pa.Table, location: str | Path, **options: Any) -> None:
         write_bytes(location, buffer.getvalue().to_pybytes())
         return
     pq.write_table(table, local_path(location), **options)
+    if durable:
+        _fsync(local_path(location))
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def size(location: str | Path) -> int:
+    """The size in bytes of a file or object; :class:`FileNotFoundError` when absent."""
+    location = str(location)
+    if is_remote(location):
+        filesystem, path = _remote(location)
+        filesystem.invalidate_cache(path)
+        return int(filesystem.size(path))
+    return Path(local_path(location)).stat().st_size
+
+
+@contextlib.contextmanager
+def local_file_to_write(location: str | Path) -> Iterator[str]:
+    """A local path for a library that writes only to files (an ANN index); it becomes ``location``.
+
+    Local: the path itself, fsynced when the block ends. Object store: a file in
+    a temporary directory, uploaded as one object when the block ends without
+    an error (and removed either way).
+    """
+    location = str(location)
+    if not is_remote(location):
+        yield local_path(location)
+        _fsync(local_path(location))
+        return
+    with tempfile.TemporaryDirectory(prefix="mf-dist-upload-") as scratch:
+        staged = str(Path(scratch) / location.rstrip("/").rsplit("/", 1)[-1])
+        yield staged
+        filesystem, path = _remote(location)
+        filesystem.put_file(staged, path)
+
+
+@contextlib.contextmanager
+def local_copy(location: str | Path) -> Iterator[str]:
+    """A local path holding the content of ``location`` during the block, for a library that reads only files.
+
+    Local: the path itself. Object store: downloaded to a temporary file, removed
+    when the block ends. :class:`FileNotFoundError` when absent.
+    """
+    location = str(location)
+    if not is_remote(location):
+        yield local_path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="mf-dist-download-") as scratch:
+        copy = str(Path(scratch) / location.rstrip("/").rsplit("/", 1)[-1])
+        filesystem, path = _remote(location)
+        filesystem.get_file(path, copy)
+        yield copy
 
 
 def save_array(location: str | Path, array: np.ndarray) -> None:

@@ -275,6 +275,8 @@ def test_storage_options_reach_the_workers_and_no_secret_is_written(
         f'input = "s3://{BUCKET}/ratings/"\noutput = "s3://{BUCKET}/secret/out"\n'
         f'work_dir = "s3://{BUCKET}/secret/work"\nscheduler = "{client.scheduler.address}"\n'
         'model = "explicit"\nsolver = "gradient"\nrank = 3\nepochs = 2\nblock_size = 64\n'
+        # The derived tables' tasks open the store on the workers with the same options.
+        'neighbors = 2\nrecommend = 2\nann = "hnsw"\n'
         f'[storage_options]\nendpoint_url = "{s3["AWS_ENDPOINT_URL"]}"\nkey = "storage-key"\n'
         f'secret = "{secret}"\n'
     )
@@ -288,6 +290,7 @@ def test_storage_options_reach_the_workers_and_no_secret_is_written(
         with worker_environment(client, nothing):
             summary = factorization_pipeline(load_config(config_file))
     assert read_embeddings(f"s3://{BUCKET}/secret/out").manifest["run_id"] == summary.run_id
+    assert summary.neighbors and summary.recommendations and summary.ann
 
     def options_on_workers() -> dict:
         from mf_dist.storage import store

@@ -33,10 +33,6 @@ ALLOWED = {
     ),
     "mf_dist/flows/artifacts.py": "reads back the PNG the plotting library drew in a temporary directory",
     "mf_dist/commands/recommend.py": "reads the list of user ids named by --users",
-    "mf_dist/commands/inspect.py": (
-        "the local-path branch of inspect and similar beside their URL branch (fsspec); left for the "
-        "move of neighbors/similar to URLs"
-    ),
 }
 
 OS_FILE_CALLS = {

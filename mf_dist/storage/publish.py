@@ -143,10 +143,3 @@ def publish_run_remote(table_url: str, run_id: str, storage_options: dict[str, A
     filesystem, table_path = resolve(table_url, storage_options)
     with storage_errors(table_url, OutputError):
         filesystem.pipe_file(join(table_path, "LATEST"), (run_id + "\n").encode())
-
-
-def current_run_path(table_dir: str | Path) -> Path:
-    """The directory of the run ``<table_dir>/LATEST`` names."""
-    table_dir = Path(table_dir)
-    run_id = (table_dir / "LATEST").read_text().strip()
-    return table_dir / "runs" / run_id
